@@ -1,0 +1,77 @@
+# Pointsman: `make run` brings up broker, topics, services and a demo; `make test` runs the suite.
+# Everything lands under .venv (Python) and .state (Kafka jars, broker data, logs).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KAFKA_PORT ?= 9092
+PYTEST_ARGS ?=
+export POINTSMAN_HOME := $(CURDIR)
+
+.PHONY: help venv asyncapi-specs kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
+
+help:
+	@echo "make run    - set up, start Kafka on 127.0.0.1:$(KAFKA_PORT), create topics, run the demo"
+	@echo "make test   - set up, then the test suite against brokers it starts on free ports"
+	@echo "make stop   - stop what make run started"
+	@echo "make lint   - ruff and mypy"
+	@echo "make schemas- regenerate schemas/ from the event models"
+	@echo "make test-soak - the long soak/chaos runs (not in the default suite)"
+
+$(STAMP): pyproject.toml services/classifier/pyproject.toml services/dispatcher/pyproject.toml services/auditor/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]' -e services/classifier -e services/dispatcher -e services/auditor
+	touch $@
+
+venv: $(STAMP)
+
+kafka-fetch: venv
+	$(BIN)/pointsman kafka fetch
+
+# The official AsyncAPI JSON Schemas (npm @asyncapi/specs), to validate schemas/asyncapi.yaml.
+ASYNCAPI_SPECS_VERSION := 6.11.1
+ASYNCAPI_SPECS := .state/asyncapi-specs/$(ASYNCAPI_SPECS_VERSION)/package/schemas/3.0.0.json
+$(ASYNCAPI_SPECS):
+	mkdir -p $(dir $(ASYNCAPI_SPECS))../..
+	cd $(dir $(ASYNCAPI_SPECS))../.. && npm pack --silent @asyncapi/specs@$(ASYNCAPI_SPECS_VERSION) >/dev/null \
+		&& tar xzf asyncapi-specs-$(ASYNCAPI_SPECS_VERSION).tgz
+asyncapi-specs: $(ASYNCAPI_SPECS)
+
+kafka-start: kafka-fetch
+	@$(BIN)/pointsman kafka status >/dev/null 2>&1 && echo "Kafka already running" || \
+		$(BIN)/pointsman kafka start --port $(KAFKA_PORT)
+
+kafka-stop:
+	@test -x $(BIN)/pointsman && $(BIN)/pointsman kafka stop || true
+
+topics: kafka-start
+	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman topics create
+
+run: topics
+	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman demo
+	@echo
+	@echo "Kafka is running on 127.0.0.1:$(KAFKA_PORT). Try:"
+	@echo "  $(BIN)/pointsman send --text 'how do I appeal a parking ticket?'"
+	@echo "  $(BIN)/pointsman tail queries        # or: tagged, responses, dead_letters, audit"
+	@echo "  make stop                            # stops everything make run started"
+
+stop: kafka-stop
+
+test: kafka-fetch asyncapi-specs
+	POINTSMAN_ASYNCAPI_SPEC=$(CURDIR)/$(ASYNCAPI_SPECS) $(BIN)/pytest $(PYTEST_ARGS)
+
+test-soak: kafka-fetch
+	$(BIN)/pytest --soak -m soak $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check src services tests
+	$(BIN)/ruff format --check src services tests
+	$(BIN)/mypy
+
+schemas: venv
+	$(BIN)/pointsman schemas export
+
+clean: stop
+	rm -rf .state

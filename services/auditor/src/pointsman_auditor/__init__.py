@@ -1,0 +1,1 @@
+"""Pointsman auditor service (see services/auditor/README.md)."""

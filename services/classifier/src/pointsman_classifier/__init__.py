@@ -1,0 +1,1 @@
+"""Pointsman classifier service (see services/classifier/README.md)."""

@@ -1,0 +1,1 @@
+"""Pointsman dispatcher service (see services/dispatcher/README.md)."""

@@ -1,0 +1,160 @@
+"""The shared worker against the real broker: bad input is dead-lettered with a typed reason and
+the source offset, good input next to it is still processed, and everything is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from pointsman.config import LimitsSettings, Settings
+from pointsman.events import QueryEvent
+from pointsman.kafka import client_kwargs
+from pointsman.worker import Failure, Incoming, Outcome, Produce, Worker, event_record
+from tests.kafka_helpers import collect, committed_lag, values, wait_for
+
+pytestmark = pytest.mark.kafka
+
+
+def echo_handler(settings: Settings):  # type: ignore[no-untyped-def]
+    """Writes each query to the responses topic; refuses (Failure) texts that say 'poison'."""
+
+    async def handle(batch: Sequence[Incoming[QueryEvent]]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for item in batch:
+            if "poison" in item.event.query_text():
+                out.append(Failure("the handler refuses poison"))
+            else:
+                out.append([event_record(settings.topics.name("responses"), item.event)])
+        return out
+
+    return handle
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker[QueryEvent]) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 30)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def good(n: int) -> bytes:
+    return QueryEvent(query_id=f"good-{n}", text=f"good query {n}").to_json()
+
+
+BAD = [
+    ("invalid_json", b'{"query_id": "b1", "text": '),
+    ("schema_violation", orjson.dumps({"query_id": "b2", "text": "x", "priority": "high"})),
+    ("empty", b""),
+    ("empty", orjson.dumps({"query_id": "b4", "text": "   "})),
+    ("oversized", b'{"query_id": "b5", "text": "' + b"a" * 25_000 + b'"}'),
+    ("oversized", orjson.dumps({"query_id": "b6", "text": "z" * 1_500})),
+    ("bad_encoding", b'{"query_id": "b7", "text": "caf\xe9"}'),
+    ("processing_error", orjson.dumps({"query_id": "b8", "text": "poison pill"})),
+]
+
+
+async def test_bad_input_is_dead_lettered_and_the_next_good_one_processed(
+    kafka_settings: Settings,
+) -> None:
+    settings = kafka_settings.model_copy(
+        update={"limits": LimitsSettings(max_message_bytes=20_000, max_text_chars=1_000)}
+    )
+    group = f"echo-{uuid.uuid4().hex[:6]}"
+    worker: Worker[QueryEvent] = Worker(
+        settings, service="echo", source_topic=settings.topics.name("queries"), model=QueryEvent,
+        handler=echo_handler(settings), group_id=group, instance_id="0",
+    )
+    async with running(worker):
+        await check_dead_letters(settings, group)
+
+
+async def check_dead_letters(settings: Settings, group: str) -> None:
+    # all on one key, so one partition, in this order: good, bad, good, bad, ... good
+    sent: list[tuple[str, bytes]] = [("good", good(0))]
+    for i, (reason, raw) in enumerate(BAD, 1):
+        sent += [(reason, raw), ("good", good(i))]
+    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all",
+                                max_request_size=2_000_000)
+    await producer.start()
+    offsets = []
+    try:
+        for _, raw in sent:
+            meta = await producer.send_and_wait(settings.topics.name("queries"), raw, key=b"k",
+                                                headers=[("source", b"test")])
+            offsets.append((meta.partition, meta.offset))
+    finally:
+        await producer.stop()
+
+    responses = values(await collect(settings, "responses", len(BAD) + 1))
+    assert sorted(r["query_id"] for r in responses) == sorted(
+        f"good-{i}" for i in range(len(BAD) + 1)
+    )
+
+    dead = values(await collect(settings, "dead_letters", len(BAD)))
+    dead.sort(key=lambda d: d["source"]["offset"])
+    assert [d["reason"] for d in dead] == [reason for reason, _ in BAD]
+    bad_offsets = [offsets[i] for i, (kind, _) in enumerate(sent) if kind != "good"]
+    for d, (reason, raw), (partition, offset) in zip(dead, BAD, bad_offsets, strict=True):
+        assert d["service"] == "echo"
+        assert d["source"]["topic"] == settings.topics.name("queries")
+        assert (d["source"]["partition"], d["source"]["offset"]) == (partition, offset)
+        assert base64.b64decode(d["original_b64"]) == raw, reason
+        assert base64.b64decode(d["source"]["key_b64"]) == b"k"
+        assert base64.b64decode(d["original_headers"]["source"]) == b"test"
+        assert d["detail"]
+    assert dead[1]["query_id"] == "b2" and "priority" in dead[1]["detail"]
+    assert dead[0]["query_id"].startswith("unknown:")
+
+    async def caught_up() -> bool:
+        return await committed_lag(settings, group, "queries") == 0
+
+    await wait_for(caught_up)
+
+
+async def test_handler_that_keeps_failing_is_dead_lettered_not_stuck(
+    kafka_settings: Settings,
+) -> None:
+    calls = 0
+
+    async def broken(batch: Sequence[Incoming[QueryEvent]]) -> list[Outcome]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("model server is gone")
+
+    from pointsman.worker import WorkerOptions
+
+    group = f"broken-{uuid.uuid4().hex[:6]}"
+    worker: Worker[QueryEvent] = Worker(
+        kafka_settings, service="broken", source_topic=kafka_settings.topics.name("queries"),
+        model=QueryEvent, handler=broken, group_id=group, instance_id="0",
+        options=WorkerOptions(max_attempts=3, retry_backoff_s=0.01),
+    )
+    async with running(worker):
+        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
+        await producer.start()
+        await producer.send_and_wait(kafka_settings.topics.name("queries"), good(1), key=b"x")
+        await producer.stop()
+        [dead] = values(await collect(kafka_settings, "dead_letters", 1))
+    assert dead["reason"] == "processing_error"
+    assert "failed 3 times" in dead["detail"] and dead["query_id"] == "good-1"
+    assert calls == 3
+
+
+def test_event_record_headers() -> None:
+    q = QueryEvent(query_id="q-9", text="x", tenant="t", conversation_id="c")
+    rec: Produce = event_record("topic", q)
+    assert rec.key == b"t/c"
+    assert dict(rec.headers)["query_id"] == b"q-9"
+    assert dict(rec.headers)["traceparent"] == q.trace.traceparent.encode()
