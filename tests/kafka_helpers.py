@@ -16,8 +16,11 @@ from pointsman.kafka import client_kwargs, make_admin
 async def collect(settings: Settings, role: str, count: int, timeout_s: float = 30.0) -> list[Any]:
     """Read ``count`` committed records from the start of a topic (fails after ``timeout_s``)."""
     consumer = AIOKafkaConsumer(
-        settings.topics.name(role), **client_kwargs(settings.kafka), group_id=None,
-        auto_offset_reset="earliest", isolation_level="read_committed",
+        settings.topics.name(role),
+        **client_kwargs(settings.kafka),
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
     )
     await consumer.start()
     out: list[Any] = []
@@ -42,13 +45,14 @@ async def committed_lag(settings: Settings, group_id: str, role: str) -> int:
     topic = settings.topics.name(role)
     admin = make_admin(settings.kafka)
     await admin.start()
-    consumer = AIOKafkaConsumer(**client_kwargs(settings.kafka), group_id=None,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(settings.kafka), group_id=None, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
+            await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         ends = await consumer.end_offsets(tps)

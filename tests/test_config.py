@@ -53,7 +53,11 @@ def test_config_env_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "why"),
     [
-        ("topics: {queries: {name: q, partitions: 0}}", "topics.queries.partitions", "greater than or equal to 1"),
+        (
+            "topics: {queries: {name: q, partitions: 0}}",
+            "topics.queries.partitions",
+            "greater than or equal to 1",
+        ),
         ("kafka: {bootstrap_servrs: x}", "kafka.bootstrap_servrs", "unknown key"),
         ("kafka: {security_protocol: TLS}", "kafka.security_protocol", "PLAINTEXT"),
         ("topics: {prefix: 'has space'}", "topics.prefix", "pattern"),
@@ -117,7 +121,7 @@ def test_password_from_file(tmp_path: Path) -> None:
 
 
 def test_unreadable_password_file_names_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="kafka.sasl_password_file"):
+    with pytest.raises(ConfigError, match=r"kafka\.sasl_password_file"):
         load_settings(environ={**SASL_ENV, "POINTSMAN_SASL_PASSWORD_FILE": str(tmp_path / "none")})
 
 
@@ -150,8 +154,11 @@ def test_no_secret_reaches_the_log(caplog: pytest.LogCaptureFixture) -> None:
     register_secret("s3cr3t-value")
     handler_filter = RedactingFilter()
     record = logging.makeLogRecord(
-        {"msg": "connecting with %s and password=abc123 Authorization: Bearer xyz",
-         "args": ("s3cr3t-value",), "detail": "token=tok-999"}
+        {
+            "msg": "connecting with %s and password=abc123 Authorization: Bearer xyz",
+            "args": ("s3cr3t-value",),
+            "detail": "token=tok-999",
+        }
     )
     handler_filter.filter(record)
     text = record.getMessage() + str(vars(record))

@@ -31,7 +31,10 @@ def j(obj: object) -> bytes:
         (b'{"query_id": "q", "text": "x"', DeadLetterReason.invalid_json),
         (b"[1, 2]", DeadLetterReason.schema_violation),
         (j({**GOOD, "text": "   "}), DeadLetterReason.empty),
-        (j({"query_id": "q", "messages": [{"role": "user", "content": " "}]}), DeadLetterReason.empty),
+        (
+            j({"query_id": "q", "messages": [{"role": "user", "content": " "}]}),
+            DeadLetterReason.empty,
+        ),
         (j({**GOOD, "text": "y" * 101}), DeadLetterReason.oversized),
         (j({"query_id": "q", "text": 5}), DeadLetterReason.schema_violation),
         (j({"text": "no id"}), DeadLetterReason.schema_violation),
@@ -62,9 +65,17 @@ def test_dead_letter_carries_source_and_original_bytes() -> None:
     raw = b'{"text": "caf\xe9"}'
     rejected = decode(raw, QueryEvent, LIMITS)
     assert isinstance(rejected, Rejected)
-    dl = dead_letter_for(rejected, service="classifier", topic="t.queries", partition=3,
-                         offset=41, value=raw, key=b"k", timestamp_ms=1700000000000,
-                         headers=[("app", b"web")])
+    dl = dead_letter_for(
+        rejected,
+        service="classifier",
+        topic="t.queries",
+        partition=3,
+        offset=41,
+        value=raw,
+        key=b"k",
+        timestamp_ms=1700000000000,
+        headers=[("app", b"web")],
+    )
     assert dl.reason is DeadLetterReason.bad_encoding
     assert base64.b64decode(dl.original_b64) == raw
     assert (dl.source.topic, dl.source.partition, dl.source.offset) == ("t.queries", 3, 41)

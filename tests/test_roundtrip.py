@@ -25,7 +25,9 @@ async def test_plain_aiokafka_event_round_trips_and_validates(kafka_settings: Se
     await producer.start()
     try:
         raw = json.dumps(example).encode()
-        await producer.send_and_wait(kafka_settings.topics.name("queries"), raw, key=b"acme/conv-77")
+        await producer.send_and_wait(
+            kafka_settings.topics.name("queries"), raw, key=b"acme/conv-77"
+        )
     finally:
         await producer.stop()
     [record] = await collect(kafka_settings, "queries", 1)
@@ -40,9 +42,13 @@ async def test_plain_aiokafka_event_round_trips_and_validates(kafka_settings: Se
 
 async def test_client_keeps_a_conversation_in_one_partition(kafka_settings: Settings) -> None:
     turns = [
-        QueryEvent(query_id=f"turn-{i}", tenant="acme", conversation_id="c-1",
-                   messages=[ChatMessage(role="user", content=f"question {i}")],
-                   metadata=QueryMetadata(tags={"n": str(i)}))
+        QueryEvent(
+            query_id=f"turn-{i}",
+            tenant="acme",
+            conversation_id="c-1",
+            messages=[ChatMessage(role="user", content=f"question {i}")],
+            metadata=QueryMetadata(tags={"n": str(i)}),
+        )
         for i in range(12)
     ]
     async with Client(kafka_settings) as client:
@@ -53,6 +59,8 @@ async def test_client_keeps_a_conversation_in_one_partition(kafka_settings: Sett
     assert [json.loads(r.value)["query_id"] for r in records] == [q.query_id for q in turns]
     headers = dict(records[0].headers)
     assert headers["event_type"] == b"query" and headers["query_id"] == b"turn-0"
-    seen = [e["query_id"] async for e in read_topic(kafka_settings, "queries", timeout_s=1,
-                                                    query_id="turn-3")]
+    seen = [
+        e["query_id"]
+        async for e in read_topic(kafka_settings, "queries", timeout_s=1, query_id="turn-3")
+    ]
     assert seen == ["turn-3"]

@@ -11,7 +11,9 @@ from tests.conftest import settings_for
 
 
 def test_specs_apply_prefix_defaults_and_overrides() -> None:
-    specs = {s.role: s for s in topic_specs(load_settings(environ={"POINTSMAN_TOPIC_PREFIX": "p."}))}
+    specs = {
+        s.role: s for s in topic_specs(load_settings(environ={"POINTSMAN_TOPIC_PREFIX": "p."}))
+    }
     assert set(specs) == set(TOPIC_ROLES)
     assert specs["queries"].name == "p.pointsman.queries"
     assert specs["queries"].partitions == 6
@@ -57,9 +59,18 @@ async def test_provisioning_is_idempotent_against_the_broker(kafka_bootstrap: st
             for key, value in spec.configs.items():
                 assert have.configs[key] == value, (spec.name, key)
         # drift on the broker is put back, growth is applied
-        grown = [s.__class__(s.role, s.name, s.partitions + 2, s.replication_factor,
-                             {**s.configs, "retention.ms": "3600000"}) if s.role == "queries" else s
-                 for s in specs]
+        grown = [
+            s.__class__(
+                s.role,
+                s.name,
+                s.partitions + 2,
+                s.replication_factor,
+                {**s.configs, "retention.ms": "3600000"},
+            )
+            if s.role == "queries"
+            else s
+            for s in specs
+        ]
         third = await provision(admin, grown)
         assert list(third.add_partitions.values()) == [8]
         after = await describe_existing(admin, [s.name for s in specs])

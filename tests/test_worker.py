@@ -73,8 +73,13 @@ async def test_bad_input_is_dead_lettered_and_the_next_good_one_processed(
     )
     group = f"echo-{uuid.uuid4().hex[:6]}"
     worker: Worker[QueryEvent] = Worker(
-        settings, service="echo", source_topic=settings.topics.name("queries"), model=QueryEvent,
-        handler=echo_handler(settings), group_id=group, instance_id="0",
+        settings,
+        service="echo",
+        source_topic=settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=echo_handler(settings),
+        group_id=group,
+        instance_id="0",
     )
     async with running(worker):
         await check_dead_letters(settings, group)
@@ -85,14 +90,16 @@ async def check_dead_letters(settings: Settings, group: str) -> None:
     sent: list[tuple[str, bytes]] = [("good", good(0))]
     for i, (reason, raw) in enumerate(BAD, 1):
         sent += [(reason, raw), ("good", good(i))]
-    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all",
-                                max_request_size=2_000_000)
+    producer = AIOKafkaProducer(
+        **client_kwargs(settings.kafka), acks="all", max_request_size=2_000_000
+    )
     await producer.start()
     offsets = []
     try:
         for _, raw in sent:
-            meta = await producer.send_and_wait(settings.topics.name("queries"), raw, key=b"k",
-                                                headers=[("source", b"test")])
+            meta = await producer.send_and_wait(
+                settings.topics.name("queries"), raw, key=b"k", headers=[("source", b"test")]
+            )
             offsets.append((meta.partition, meta.offset))
     finally:
         await producer.stop()
@@ -137,8 +144,13 @@ async def test_handler_that_keeps_failing_is_dead_lettered_not_stuck(
 
     group = f"broken-{uuid.uuid4().hex[:6]}"
     worker: Worker[QueryEvent] = Worker(
-        kafka_settings, service="broken", source_topic=kafka_settings.topics.name("queries"),
-        model=QueryEvent, handler=broken, group_id=group, instance_id="0",
+        kafka_settings,
+        service="broken",
+        source_topic=kafka_settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=broken,
+        group_id=group,
+        instance_id="0",
         options=WorkerOptions(max_attempts=3, retry_backoff_s=0.01),
     )
     async with running(worker):

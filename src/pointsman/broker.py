@@ -44,7 +44,9 @@ def project_root() -> Path:
     for base in candidates:
         if (base / "deploy" / "kafka" / "pom.xml").is_file():
             return base
-    raise BrokerError("cannot find deploy/kafka/pom.xml: run from the checkout or set POINTSMAN_HOME")
+    raise BrokerError(
+        "cannot find deploy/kafka/pom.xml: run from the checkout or set POINTSMAN_HOME"
+    )
 
 
 def default_state_dir() -> Path:
@@ -63,16 +65,25 @@ def fetch_jars(target: Path | None = None, *, quiet: bool = True) -> Path:
     if marker.is_file() and marker.read_text() == _pom_digest(pom):
         return target
     if shutil.which("mvn") is None:
-        raise BrokerError("Maven (mvn) is needed to fetch Kafka; install it (apt-get install maven)")
+        raise BrokerError(
+            "Maven (mvn) is needed to fetch Kafka; install it (apt-get install maven)"
+        )
     target.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "mvn", "-B", *(["-q"] if quiet else []), "-f", str(pom),
+        "mvn",
+        "-B",
+        *(["-q"] if quiet else []),
+        "-f",
+        str(pom),
         "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies",
-        "-DincludeScope=runtime", f"-DoutputDirectory={target}",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={target}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise BrokerError(f"mvn failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        raise BrokerError(
+            f"mvn failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
     if not any(p.name.startswith("kafka_2.13-") for p in target.glob("*.jar")):
         raise BrokerError(f"mvn finished but no kafka_2.13 jar is in {target}")
     marker.write_text(_pom_digest(pom))
@@ -120,7 +131,9 @@ class NodeInfo:
 
 def render_properties(node: NodeInfo, voters: list[NodeInfo], data_dir: Path) -> str:
     """server.properties for one node; one node → dynamic quorum, several → static voters."""
-    template = Template((project_root() / "deploy" / "kafka" / "server.properties.template").read_text())
+    template = Template(
+        (project_root() / "deploy" / "kafka" / "server.properties.template").read_text()
+    )
     if len(voters) == 1:
         quorum = f"controller.quorum.bootstrap.servers=127.0.0.1:{node.controller_port}"
     else:
@@ -160,8 +173,16 @@ class Node:
         props.write_text(render_properties(self.info, voters, data))
         if (data / "meta.properties").is_file():
             return
-        cmd = [*self._java(), "kafka.tools.StorageTool", "format", "--ignore-formatted",
-               "-t", cluster_id, "-c", str(props)]
+        cmd = [
+            *self._java(),
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            cluster_id,
+            "-c",
+            str(props),
+        ]
         if len(voters) == 1:
             cmd.insert(-4, "--standalone")
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -171,10 +192,12 @@ class Node:
     def _java(self, heap: list[str] | None = None) -> list[str]:
         log4j = project_root() / "deploy" / "kafka" / "log4j2.yaml"
         return [
-            "java", *(heap or []),
+            "java",
+            *(heap or []),
             f"-Dlog4j2.configurationFile={log4j}",
             f"-Dkafka.logs.dir={self.dir / 'logs'}",
-            "-cp", f"{self.jars}/*",
+            "-cp",
+            f"{self.jars}/*",
         ]
 
     def start(self, heap: list[str]) -> None:
@@ -182,7 +205,9 @@ class Node:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.process = subprocess.Popen(
             [*self._java(heap + GC_FLAGS), "kafka.Kafka", str(self.dir / "server.properties")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         log.close()
@@ -197,7 +222,9 @@ class Node:
             if self._log_has_ready(log_offset) and _port_open(self.info.broker_port):
                 return
             time.sleep(0.1)
-        raise BrokerError(f"node {self.info.node_id} not ready after {timeout_s}s:\n{self.log_tail()}")
+        raise BrokerError(
+            f"node {self.info.node_id} not ready after {timeout_s}s:\n{self.log_tail()}"
+        )
 
     def _log_has_ready(self, offset: int) -> bool:
         try:
@@ -282,8 +309,13 @@ class Cluster:
 
     @classmethod
     def create(
-        cls, state_dir: Path, size: int = 1, *, jars: Path | None = None,
-        broker_port: int | None = None, controller_port: int | None = None,
+        cls,
+        state_dir: Path,
+        size: int = 1,
+        *,
+        jars: Path | None = None,
+        broker_port: int | None = None,
+        controller_port: int | None = None,
     ) -> Cluster:
         """Lay out ``size`` nodes; reuses the ports of an earlier run in the same folder."""
         jars = jars or fetch_jars()
@@ -294,7 +326,9 @@ class Cluster:
             if size == 1 and broker_port:
                 ports = [broker_port, controller_port or broker_port + 1]
             infos = [
-                NodeInfo(n, ports[2 * (n - 1)], ports[2 * (n - 1) + 1], str(state_dir / f"node-{n}"))
+                NodeInfo(
+                    n, ports[2 * (n - 1)], ports[2 * (n - 1) + 1], str(state_dir / f"node-{n}")
+                )
                 for n in range(1, size + 1)
             ]
         return cls(state_dir, [Node(i, jars) for i in infos])
@@ -341,9 +375,14 @@ class Cluster:
 
     def status(self) -> list[dict[str, object]]:
         return [
-            {"node": n.info.node_id, "bootstrap": n.info.bootstrap, "pid": n.info.pid,
-             "running": bool(n.info.pid and _alive(n.info.pid)),
-             "serving": _port_open(n.info.broker_port), "directory": n.info.directory}
+            {
+                "node": n.info.node_id,
+                "bootstrap": n.info.bootstrap,
+                "pid": n.info.pid,
+                "running": bool(n.info.pid and _alive(n.info.pid)),
+                "serving": _port_open(n.info.broker_port),
+                "directory": n.info.directory,
+            }
             for n in self.nodes
         ]
 

@@ -56,8 +56,10 @@ def cmd_kafka_start(args: argparse.Namespace) -> int:
     started = time.monotonic()
     cluster.start()
     print(f"Kafka started in {time.monotonic() - started:.1f}s: bootstrap {cluster.bootstrap}")
-    print(f"state: {cluster.state_dir}  (stop with `pointsman kafka stop"
-          f"{' --nodes ' + str(args.nodes) if args.nodes != 1 else ''}`)")
+    print(
+        f"state: {cluster.state_dir}  (stop with `pointsman kafka stop"
+        f"{' --nodes ' + str(args.nodes) if args.nodes != 1 else ''}`)"
+    )
     return 0
 
 
@@ -96,8 +98,10 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
             await admin.close()
         verb = "would " if args.dry_run else ""
         for s in todo.create:
-            print(f"{verb}create  {s.name} partitions={s.partitions} rf={s.replication_factor} "
-                  + " ".join(f"{k}={v}" for k, v in s.configs.items()))
+            print(
+                f"{verb}create  {s.name} partitions={s.partitions} rf={s.replication_factor} "
+                + " ".join(f"{k}={v}" for k, v in s.configs.items())
+            )
         for name, n in todo.add_partitions.items():
             print(f"{verb}grow    {name} to {n} partitions")
         for name in todo.alter_configs:
@@ -115,8 +119,10 @@ def cmd_topics_list(args: argparse.Namespace) -> int:
     from pointsman.topics import topic_specs
 
     for s in topic_specs(_settings(args)):
-        print(f"{s.role:13} {s.name:40} partitions={s.partitions} rf={s.replication_factor} "
-              f"cleanup={s.configs['cleanup.policy']} retention.ms={s.configs['retention.ms']}")
+        print(
+            f"{s.role:13} {s.name:40} partitions={s.partitions} rf={s.replication_factor} "
+            f"cleanup={s.configs['cleanup.policy']} retention.ms={s.configs['retention.ms']}"
+        )
     return 0
 
 
@@ -162,8 +168,11 @@ def _queries_from(args: argparse.Namespace) -> list[QueryEvent]:
         meta["max_cost_usd"] = args.max_cost
     if args.max_latency_ms is not None:
         meta["max_latency_ms"] = args.max_latency_ms
-    common: dict[str, Any] = {"tenant": args.tenant, "conversation_id": args.conversation,
-                              "metadata": QueryMetadata(**meta)}
+    common: dict[str, Any] = {
+        "tenant": args.tenant,
+        "conversation_id": args.conversation,
+        "metadata": QueryMetadata(**meta),
+    }
     if args.text is not None:
         return [QueryEvent(query_id=args.query_id or new_id(), text=args.text, **common)]
     queries = []
@@ -201,7 +210,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         async with Client(settings) as client:
             for q in queries:
                 await client.send(q)
-                print(orjson.dumps({"query_id": q.query_id, "topic": settings.topics.name("queries")}).decode())
+                print(
+                    orjson.dumps(
+                        {"query_id": q.query_id, "topic": settings.topics.name("queries")}
+                    ).decode()
+                )
 
     asyncio.run(go())
     return 0
@@ -214,9 +227,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         n = 0
-        async for event in read_topic(settings, args.role, from_beginning=not args.latest,
-                                      max_messages=args.max, timeout_s=args.timeout,
-                                      query_id=args.query_id):
+        async for event in read_topic(
+            settings,
+            args.role,
+            from_beginning=not args.latest,
+            max_messages=args.max,
+            timeout_s=args.timeout,
+            query_id=args.query_id,
+        ):
             print(orjson.dumps(event).decode(), flush=True)
             n += 1
         print(f"({n} event(s) from {settings.topics.name(args.role)})", file=sys.stderr)
@@ -246,14 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pointsman",
         description="Pointsman: an LLM router on Apache Kafka. Every service and operation is a "
-                    "subcommand; `pointsman <command> --help` tells more.",
+        "subcommand; `pointsman <command> --help` tells more.",
     )
-    parser.add_argument("--config", help="YAML config file (default: $POINTSMAN_CONFIG, else the "
-                        "embedded defaults); POINTSMAN_* variables override it")
+    parser.add_argument(
+        "--config",
+        help="YAML config file (default: $POINTSMAN_CONFIG, else the "
+        "embedded defaults); POINTSMAN_* variables override it",
+    )
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
-    kafka = sub.add_parser("kafka", help="fetch, start and stop a local Apache Kafka (KRaft)",
-                           description="A real Kafka broker from Maven Central, run with the JDK.")
+    kafka = sub.add_parser(
+        "kafka",
+        help="fetch, start and stop a local Apache Kafka (KRaft)",
+        description="A real Kafka broker from Maven Central, run with the JDK.",
+    )
     ksub = kafka.add_subparsers(dest="kafka_command", metavar="action", required=True)
     p = _add(ksub, "fetch", cmd_kafka_fetch, "download the broker jars with Maven (cached)")
     p.add_argument("--dir", help="target folder (default .state/kafka-lib)")
@@ -264,22 +288,37 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", cmd_kafka_status, "pid, ports and whether each node serves"),
     ):
         p = _add(ksub, name, func, help)
-        p.add_argument("--nodes", type=int, default=1, choices=(1, 3),
-                       help="1 (default) or a 3-node cluster for failover tests")
+        p.add_argument(
+            "--nodes",
+            type=int,
+            default=1,
+            choices=(1, 3),
+            help="1 (default) or a 3-node cluster for failover tests",
+        )
         p.add_argument("--state-dir", help="node folders (default .state/kafka/<single|cluster-3>)")
         if name == "start":
-            p.add_argument("--port", type=int, default=9092,
-                           help="client port of a single node (default 9092; controller = port+1)")
+            p.add_argument(
+                "--port",
+                type=int,
+                default=9092,
+                help="client port of a single node (default 9092; controller = port+1)",
+            )
 
-    topics = sub.add_parser("topics", help="provision the topics of the config",
-                            description="Topics from the declarative config, created idempotently.")
+    topics = sub.add_parser(
+        "topics",
+        help="provision the topics of the config",
+        description="Topics from the declarative config, created idempotently.",
+    )
     tsub = topics.add_subparsers(dest="topics_command", metavar="action", required=True)
     p = _add(tsub, "create", cmd_topics_create, "create/grow/align topics (idempotent)")
     p.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
     _add(tsub, "list", cmd_topics_list, "the topics the config declares")
 
-    schemas = sub.add_parser("schemas", help="generate or check the contract files",
-                             description="JSON Schemas and AsyncAPI in schemas/, from the models.")
+    schemas = sub.add_parser(
+        "schemas",
+        help="generate or check the contract files",
+        description="JSON Schemas and AsyncAPI in schemas/, from the models.",
+    )
     ssub = schemas.add_subparsers(dest="schemas_command", metavar="action", required=True)
     for name, func, help in (
         ("export", cmd_schemas_export, "write schemas/*.schema.json and schemas/asyncapi.yaml"),
@@ -288,13 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = _add(ssub, name, func, help)
         p.add_argument("--dir", default="schemas")
 
-    config = sub.add_parser("config", help="validate or show the configuration",
-                            description="The merged configuration (file + environment).")
+    config = sub.add_parser(
+        "config",
+        help="validate or show the configuration",
+        description="The merged configuration (file + environment).",
+    )
     csub = config.add_subparsers(dest="config_command", metavar="action", required=True)
     _add(csub, "validate", cmd_config_validate, "check the config; errors name the key and why")
     _add(csub, "show", cmd_config_show, "print the merged config (secrets left out)")
 
-    p = _add(sub, "send", cmd_send, "publish queries: --text, or JSONL/plain lines from --file or stdin")
+    p = _add(
+        sub, "send", cmd_send, "publish queries: --text, or JSONL/plain lines from --file or stdin"
+    )
     p.add_argument("--text")
     p.add_argument("--file")
     p.add_argument("--query-id")
@@ -318,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in registered:
             registered.pop(name).load()(sub)
         else:
-            p = sub.add_parser(name, help=f"[not installed: {package}]")
+            p = sub.add_parser(name, help=f"[not available here: {package}]")
             p.set_defaults(func=_not_installed(name, package))
     for ep in registered.values():
         ep.load()(sub)
@@ -326,11 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _not_installed(name: str, package: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        print(f"the {name} service is not installed here; it comes with {package}", file=sys.stderr)
+    def unavailable(_args: argparse.Namespace) -> int:
+        from importlib.util import find_spec
+
+        if find_spec(f"pointsman_{name}") is None:
+            print(
+                f"the {name} service is not installed here; it comes with {package}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"the installed {name} package provides no command yet "
+                f"(see services/{name}/README.md)",
+                file=sys.stderr,
+            )
         return 2
 
-    return run
+    return unavailable
 
 
 def main(argv: Sequence[str] | None = None) -> int:

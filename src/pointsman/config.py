@@ -132,7 +132,9 @@ TOPIC_ROLES = (
 
 class TopicsSettings(_Section):
     prefix: str = Field(
-        default="", max_length=50, pattern=r"^[A-Za-z0-9._-]*$",
+        default="",
+        max_length=50,
+        pattern=r"^[A-Za-z0-9._-]*$",
         description="Prepended to every topic name (environment, tenant).",
     )
     defaults: TopicDefaults
@@ -246,8 +248,13 @@ def load_settings(
         for secret in ("sasl_password", "ssl_key_password"):
             if secret in user.get("kafka", {}):
                 raise ConfigError(
-                    [(f"kafka.{secret}", "secrets are not read from the YAML; use the "
-                      f"{secret}_file key or the POINTSMAN_{secret.upper()} variable")],
+                    [
+                        (
+                            f"kafka.{secret}",
+                            "secrets are not read from the YAML; use the "
+                            f"{secret}_file key or the POINTSMAN_{secret.upper()} variable",
+                        )
+                    ],
                     source,
                 )
         data = _deep_merge(data, user)

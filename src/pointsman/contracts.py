@@ -34,32 +34,72 @@ class Channel:
 
 
 CHANNELS: tuple[Channel, ...] = (
-    Channel("queries", events.QueryEvent, "conversation_id (tenant/conversation) or query_id",
-            ("upstream systems", "pointsman send"), ("classifier",),
-            "Queries from upstream systems: one text or a chat."),
-    Channel("tagged", events.TaggedQueryEvent, "same key as the query",
-            ("classifier",), ("dispatcher",),
-            "Queries with domain, risk and calibrated confidences."),
-    Channel("responses", events.ResponseEvent, "same key as the query",
-            ("dispatcher",), ("downstream systems", "auditor", "pointsman ask"),
-            "Answers (or typed errors), with the route taken and every attempt."),
-    Channel("audit", events.AuditRecord, "same key as the query",
-            ("auditor",), ("audit store", "analytics"),
-            "One record per query: route, cost, latency, fallbacks, errors; no query text."),
-    Channel("dead_letters", events.DeadLetterEvent, "same key as the rejected record, else query_id",
-            ("classifier", "dispatcher", "auditor"), ("operators", "auditor"),
-            "Records a service could not process, with a typed reason and the original bytes."),
-    Channel("review", events.ReviewRequestEvent, "same key as the query",
-            ("dispatcher",), ("human review tools",),
-            "Queries a person should look at (self-harm, harmful, repeated failure)."),
-    Channel("model_health", events.ModelHealthEvent, "model id (compacted: latest per model)",
-            ("auditor",), ("dispatcher",),
-            "Latest health per model, read by the dispatcher to demote degraded models."),
+    Channel(
+        "queries",
+        events.QueryEvent,
+        "conversation_id (tenant/conversation) or query_id",
+        ("upstream systems", "pointsman send"),
+        ("classifier",),
+        "Queries from upstream systems: one text or a chat.",
+    ),
+    Channel(
+        "tagged",
+        events.TaggedQueryEvent,
+        "same key as the query",
+        ("classifier",),
+        ("dispatcher",),
+        "Queries with domain, risk and calibrated confidences.",
+    ),
+    Channel(
+        "responses",
+        events.ResponseEvent,
+        "same key as the query",
+        ("dispatcher",),
+        ("downstream systems", "auditor", "pointsman ask"),
+        "Answers (or typed errors), with the route taken and every attempt.",
+    ),
+    Channel(
+        "audit",
+        events.AuditRecord,
+        "same key as the query",
+        ("auditor",),
+        ("audit store", "analytics"),
+        "One record per query: route, cost, latency, fallbacks, errors; no query text.",
+    ),
+    Channel(
+        "dead_letters",
+        events.DeadLetterEvent,
+        "same key as the rejected record, else query_id",
+        ("classifier", "dispatcher", "auditor"),
+        ("operators", "auditor"),
+        "Records a service could not process, with a typed reason and the original bytes.",
+    ),
+    Channel(
+        "review",
+        events.ReviewRequestEvent,
+        "same key as the query",
+        ("dispatcher",),
+        ("human review tools",),
+        "Queries a person should look at (self-harm, harmful, repeated failure).",
+    ),
+    Channel(
+        "model_health",
+        events.ModelHealthEvent,
+        "model id (compacted: latest per model)",
+        ("auditor",),
+        ("dispatcher",),
+        "Latest health per model, read by the dispatcher to demote degraded models.",
+    ),
 )
 
 
+def event_type_of(model: type[BaseModel]) -> str:
+    """The wire name of an event model: the default of its ``event_type`` field."""
+    return str(model.model_fields["event_type"].default)
+
+
 def schema_file_name(model: type[BaseModel]) -> str:
-    return f"{getattr(model, 'EVENT_TYPE')}.schema.json"
+    return f"{event_type_of(model)}.schema.json"
 
 
 def event_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -75,9 +115,7 @@ def rendered_files() -> dict[str, bytes]:
     """Every generated file in ``schemas/``, by file name (from the embedded defaults only, so
     the output never depends on the environment it is generated in)."""
     settings = Settings.model_validate(defaults_dict())
-    files = {
-        schema_file_name(c.message): _json(event_schema(c.message)) for c in CHANNELS
-    }
+    files = {schema_file_name(c.message): _json(event_schema(c.message)) for c in CHANNELS}
     files["config.schema.json"] = _json(settings_json_schema())
     files["asyncapi.yaml"] = yaml.safe_dump(
         asyncapi_document(settings), sort_keys=False, allow_unicode=True, width=100
@@ -96,7 +134,7 @@ def asyncapi_document(settings: Settings) -> dict[str, Any]:
     messages: dict[str, Any] = {}
     for c in CHANNELS:
         spec = specs[c.role]
-        name = getattr(c.message, "EVENT_TYPE")
+        name = event_type_of(c.message)
         messages[name] = {
             "name": name,
             "title": c.message.__name__,
@@ -112,26 +150,30 @@ def asyncapi_document(settings: Settings) -> dict[str, Any]:
                     "traceparent": {"type": "string", "description": "W3C trace context"},
                 },
             },
-            "bindings": {"kafka": {
-                "key": {"type": "string", "description": c.key},
-                "bindingVersion": "0.5.0",
-            }},
+            "bindings": {
+                "kafka": {
+                    "key": {"type": "string", "description": c.key},
+                    "bindingVersion": "0.5.0",
+                }
+            },
         }
         channels[c.role] = {
             "address": spec.name,
             "description": c.description,
             "messages": {name: {"$ref": f"#/components/messages/{name}"}},
-            "bindings": {"kafka": {
-                "topic": spec.name,
-                "partitions": spec.partitions,
-                "replicas": spec.replication_factor,
-                "topicConfiguration": {
-                    "cleanup.policy": spec.configs["cleanup.policy"].split(","),
-                    "retention.ms": int(spec.configs["retention.ms"]),
-                    "max.message.bytes": int(spec.configs["max.message.bytes"]),
-                },
-                "bindingVersion": "0.5.0",
-            }},
+            "bindings": {
+                "kafka": {
+                    "topic": spec.name,
+                    "partitions": spec.partitions,
+                    "replicas": spec.replication_factor,
+                    "topicConfiguration": {
+                        "cleanup.policy": spec.configs["cleanup.policy"].split(","),
+                        "retention.ms": int(spec.configs["retention.ms"]),
+                        "max.message.bytes": int(spec.configs["max.message.bytes"]),
+                    },
+                    "bindingVersion": "0.5.0",
+                }
+            },
         }
         for who in c.producers:
             operations[_op_id("send", c.role, who)] = _operation("send", c, who, name)

@@ -53,7 +53,9 @@ def decode(value: bytes | None, model: type[E], limits: Limits) -> E | Rejected:
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Rejected(DeadLetterReason.bad_encoding, f"not UTF-8: {exc.reason} at byte {exc.start}")
+        return Rejected(
+            DeadLetterReason.bad_encoding, f"not UTF-8: {exc.reason} at byte {exc.start}"
+        )
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -83,7 +85,8 @@ def _query_text_problem(
         texts = [data["text"]]
     elif isinstance(data.get("messages"), list):
         texts = [
-            m["content"] for m in data["messages"]
+            m["content"]
+            for m in data["messages"]
             if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
         ]
     else:
@@ -134,7 +137,9 @@ def dead_letter_for(
     headers: Sequence[tuple[str, bytes]] = (),
 ) -> DeadLetterEvent:
     query_id = rejected.query_id or f"unknown:{topic}:{partition}:{offset}"
-    safe_query_id = query_id if _is_identifier(query_id) else f"unknown:{topic}:{partition}:{offset}"
+    safe_query_id = (
+        query_id if _is_identifier(query_id) else f"unknown:{topic}:{partition}:{offset}"
+    )
     return DeadLetterEvent(
         query_id=safe_query_id,
         trace=rejected.trace.child() if rejected.trace else TraceContext.new(),

@@ -19,18 +19,17 @@ import os
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import CoreSchema
 
 SCHEMA_BASE_URI = "https://pointsman.dev/schemas/"
 
 # Identifiers: printable, no whitespace, bounded, so they are safe as Kafka keys and log fields.
-Identifier = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/+=-]+$")
-]
+Identifier = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
 TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
 
@@ -93,7 +92,7 @@ class Event(Contract):
     SCHEMA_VERSION: ClassVar[str] = "1.0"
 
     schema_version: str = Field(
-        pattern=r"^1\.[0-9]+$", description="Contract version of this event type."
+        default="1.0", pattern=r"^1\.[0-9]+$", description="Contract version of this event type."
     )
     event_id: Identifier = Field(default_factory=new_id, description="Unique id of this event.")
     query_id: Identifier = Field(
@@ -108,12 +107,16 @@ class Event(Contract):
         default=None, description="Conversation the query belongs to; keeps its turns in order."
     )
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_schema_version(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "schema_version" not in data:
-            data = {**data, "schema_version": cls.SCHEMA_VERSION}
-        return data
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """On the wire ``schema_version`` is required, so consumers can always dispatch on it."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        required = schema.setdefault("required", [])
+        if "schema_version" not in required:
+            required.insert(0, "schema_version")
+        return schema
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
@@ -364,7 +367,7 @@ class DeadLetterEvent(Event):
     EVENT_TYPE: ClassVar[str] = "dead_letter"
     event_type: Literal["dead_letter"] = "dead_letter"
     query_id: Identifier = Field(
-        description="The record's query id if it could be read, else 'unknown:<topic>:<p>:<offset>'."
+        description="The record's query id if readable, else 'unknown:<topic>:<p>:<offset>'."
     )
     reason: DeadLetterReason
     detail: str = Field(max_length=4000, description="Human-readable why.")

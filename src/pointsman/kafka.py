@@ -81,4 +81,3 @@ def make_consumer(
 
 def make_admin(kafka: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**client_kwargs(kafka))
-

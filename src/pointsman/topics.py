@@ -168,8 +168,11 @@ async def _await_metadata(
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         existing = await describe_existing(admin, [s.name for s in specs])
-        lagging = [s.name for s in specs
-                   if s.name not in existing or existing[s.name].partitions < s.partitions]
+        lagging = [
+            s.name
+            for s in specs
+            if s.name not in existing or existing[s.name].partitions < s.partitions
+        ]
         if not lagging:
             return
         if asyncio.get_running_loop().time() > deadline:

@@ -77,7 +77,10 @@ def event_record(topic: str, event: Event | ModelHealthEvent) -> Produce:
         ("schema_version", event.schema_version.encode()),
     ]
     if isinstance(event, Event):
-        headers += [("query_id", event.query_id.encode()), ("traceparent", event.trace.traceparent.encode())]
+        headers += [
+            ("query_id", event.query_id.encode()),
+            ("traceparent", event.trace.traceparent.encode()),
+        ]
     return Produce(topic, event.to_json(), event.partition_key(), tuple(headers))
 
 
@@ -164,7 +167,7 @@ class Worker(Generic[E]):
             else:
                 decoded.append(Incoming(result, r))
         outputs += await self._handle(decoded)
-        offsets = {}
+        offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
@@ -183,8 +186,10 @@ class Worker(Generic[E]):
                     )
                 break
             except Exception as exc:  # the handler's failure is retried, then dead-lettered
-                log.warning("handler failed", extra={"service": self.service,
-                            "attempt": attempt, "error": repr(exc)})
+                log.warning(
+                    "handler failed",
+                    extra={"service": self.service, "attempt": attempt, "error": repr(exc)},
+                )
                 if attempt == self.options.max_attempts:
                     outcomes = [Failure(f"handler failed {attempt} times: {exc!r}")] * len(decoded)
                     break
@@ -192,8 +197,9 @@ class Worker(Generic[E]):
         produced: list[Produce] = []
         for incoming, outcome in zip(decoded, outcomes, strict=True):
             if isinstance(outcome, Failure):
-                rejected = Rejected(outcome.reason, outcome.detail, incoming.event.query_id,
-                                    incoming.event.trace)
+                rejected = Rejected(
+                    outcome.reason, outcome.detail, incoming.event.query_id, incoming.event.trace
+                )
                 produced.append(self._dead_letter(incoming.record, rejected))
             else:
                 produced.extend(outcome)
@@ -201,13 +207,25 @@ class Worker(Generic[E]):
 
     def _dead_letter(self, record: Any, rejected: Rejected) -> Produce:
         event = dead_letter_for(
-            rejected, service=self.service, topic=record.topic, partition=record.partition,
-            offset=record.offset, value=record.value, key=record.key,
-            timestamp_ms=record.timestamp, headers=record.headers or (),
+            rejected,
+            service=self.service,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            value=record.value,
+            key=record.key,
+            timestamp_ms=record.timestamp,
+            headers=record.headers or (),
         )
         metrics.DEAD_LETTERS.labels(self.service, rejected.reason.value).inc()
-        log.info("dead letter", extra={"service": self.service, "reason": rejected.reason.value,
-                 "source": f"{record.topic}/{record.partition}/{record.offset}"})
+        log.info(
+            "dead letter",
+            extra={
+                "service": self.service,
+                "reason": rejected.reason.value,
+                "source": f"{record.topic}/{record.partition}/{record.offset}",
+            },
+        )
         return event_record(self.dead_letter_topic, event)
 
     async def _commit(
@@ -220,16 +238,19 @@ class Worker(Generic[E]):
             try:
                 async with self.producer.transaction():
                     for out in outputs:
-                        await self.producer.send(out.topic, out.value, key=out.key,
-                                                 headers=list(out.headers))
+                        await self.producer.send(
+                            out.topic, out.value, key=out.key, headers=list(out.headers)
+                        )
                     await self.producer.send_offsets_to_transaction(offsets, self.group_id)
                 break
             except ProducerFenced:
                 raise  # another instance took over this transactional id: stop, do not retry
             except KafkaError as exc:
                 metrics.ABORTED_TRANSACTIONS.labels(self.service).inc()
-                log.warning("transaction aborted, retrying",
-                            extra={"service": self.service, "attempt": attempt, "error": repr(exc)})
+                log.warning(
+                    "transaction aborted, retrying",
+                    extra={"service": self.service, "attempt": attempt, "error": repr(exc)},
+                )
                 await asyncio.sleep(self._backoff(attempt))
         for out in outputs:
             metrics.MESSAGES_OUT.labels(self.service, out.topic).inc()
