@@ -4,12 +4,20 @@ No Docker, no tarball: ``deploy/kafka/pom.xml`` names the broker jars, Maven cop
 folder, and this module formats storage, starts ``kafka.Kafka`` with the JDK, waits until it
 serves, and stops it with SIGTERM (controlled shutdown). A node's state lives in its own folder
 (``node.json`` there says its pid and ports), so two runs with different folders never collide.
+
+A single node can also serve a SASL_SSL listener (SCRAM-SHA-512 and SCRAM-SHA-256) next to its
+PLAINTEXT one: ``Cluster.create(..., scram_users=[ScramUser(...)])``. The JDK's ``keytool`` makes
+a throwaway CA and a broker keystore in ``<node>/tls`` (the client trusts ``tls/ca.pem``); the
+users are written into the metadata log when the storage is formatted. Inter-broker and
+controller traffic stay PLAINTEXT on loopback. User passwords reach the storage tool through a
+mode-0600 argument file that is deleted right after, never through argv or a log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,9 +25,12 @@ import subprocess
 import time
 import uuid
 from base64 import urlsafe_b64encode
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Literal
 
 READY_LINE = "Kafka Server started"
 HEAP_SINGLE = ["-Xms256m", "-Xmx512m"]
@@ -123,14 +134,46 @@ class NodeInfo:
     controller_port: int
     directory: str
     pid: int | None = None
+    sasl_ssl_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.broker_port}"
 
+    @property
+    def sasl_ssl_bootstrap(self) -> str | None:
+        return f"127.0.0.1:{self.sasl_ssl_port}" if self.sasl_ssl_port else None
 
-def render_properties(node: NodeInfo, voters: list[NodeInfo], data_dir: Path) -> str:
-    """server.properties for one node; one node → dynamic quorum, several → static voters."""
+
+@dataclass(frozen=True)
+class ScramUser:
+    """A user of the SASL_SSL listener, created when the node's storage is formatted."""
+
+    name: str
+    password: str = field(repr=False)
+    mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+
+    def __post_init__(self) -> None:
+        # The storage tool splits "[name=..,password=..]" on commas and reads one argument a line.
+        for value in (self.name, self.password):
+            if not value or value != value.strip() or any(c in value for c in ',"[]=\n\r'):
+                raise BrokerError(
+                    f"SCRAM user {self.name!r}: name and password must be non-empty, without "
+                    'surrounding spaces, and contain none of , " [ ] = or newlines'
+                )
+
+    @property
+    def add_scram(self) -> str:
+        return f"{self.mechanism}=[name={self.name},password={self.password}]"
+
+
+def render_properties(
+    node: NodeInfo, voters: list[NodeInfo], data_dir: Path, keystore_password: str | None = None
+) -> str:
+    """server.properties for one node; one node → dynamic quorum, several → static voters.
+
+    A node with a ``sasl_ssl_port`` also gets a SASL_SSL listener (needs ``keystore_password``).
+    """
     template = Template(
         (project_root() / "deploy" / "kafka" / "server.properties.template").read_text()
     )
@@ -141,6 +184,24 @@ def render_properties(node: NodeInfo, voters: list[NodeInfo], data_dir: Path) ->
             f"{v.node_id}@127.0.0.1:{v.controller_port}" for v in voters
         )
     rf = min(3, len(voters))
+    extra = {"extra_listeners": "", "extra_protocols": "", "extra_listener_lines": ""}
+    if node.sasl_ssl_port:
+        if keystore_password is None:
+            raise BrokerError("a SASL_SSL listener needs the keystore password")
+        tls = Path(node.directory) / "tls"
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        extra = {
+            "extra_listeners": f",SASL_SSL://127.0.0.1:{node.sasl_ssl_port}",
+            "extra_protocols": ",SASL_SSL:SASL_SSL",
+            "extra_listener_lines": (
+                "sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256\n"
+                f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}\n"
+                f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}\n"
+                "ssl.keystore.type=PKCS12\n"
+                f"ssl.keystore.location={tls / 'broker.p12'}\n"
+                f"ssl.keystore.password={keystore_password}\n"
+            ),
+        }
     return template.substitute(
         node_id=node.node_id,
         quorum_line=quorum,
@@ -150,17 +211,76 @@ def render_properties(node: NodeInfo, voters: list[NodeInfo], data_dir: Path) ->
         nodes=len(voters),
         internal_rf=rf,
         internal_min_isr=max(1, rf - 1),
+        **extra,
     )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner may read or write (0600, also if it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def make_tls(tls: Path) -> str:
+    """A throwaway CA (``ca.pem``) and a broker keystore it signed (``broker.p12``, SAN
+    IP:127.0.0.1 and DNS:localhost), made with the JDK's keytool; returns the keystore password.
+
+    Kept across restarts; the CA's private key is deleted once it has signed the broker key.
+    """
+    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls.chmod(0o700)
+    pass_file = tls / "keystore.pass"
+    if all((tls / f).is_file() for f in ("ca.pem", "broker.p12", "keystore.pass")):
+        return pass_file.read_text().strip()
+    if shutil.which("keytool") is None:
+        raise BrokerError("the JDK's keytool is needed for a SASL_SSL listener")
+    password = secrets.token_hex(16)
+    for stale in tls.iterdir():
+        stale.unlink()
+    env = {**os.environ, "POINTSMAN_KEYSTORE_PASS": password}  # not in argv
+    store = ["-storetype", "PKCS12", "-storepass:env", "POINTSMAN_KEYSTORE_PASS", "-keystore"]
+    ca, broker = [*store, str(tls / "ca.p12")], [*store, str(tls / "broker.p12")]
+    ec = ["-keyalg", "EC", "-groupname", "secp256r1", "-validity", "3650"]
+    csr, crt, ca_pem = (str(tls / f) for f in ("broker.csr", "broker.crt", "ca.pem"))
+    steps = [
+        ["-genkeypair", "-alias", "ca", *ec, "-dname", "CN=pointsman local CA", *ca,
+         "-ext", "bc:c=ca:true", "-ext", "ku:c=keyCertSign,cRLSign"],
+        ["-exportcert", "-rfc", "-alias", "ca", "-file", ca_pem, *ca],
+        ["-genkeypair", "-alias", "broker", *ec, "-dname", "CN=localhost", *broker],
+        ["-certreq", "-alias", "broker", "-file", csr, *broker],
+        ["-gencert", "-rfc", "-alias", "ca", "-infile", csr, "-outfile", crt, *ca,
+         "-validity", "3650", "-ext", "SAN=IP:127.0.0.1,DNS:localhost",
+         "-ext", "ku:c=digitalSignature", "-ext", "eku=serverAuth"],
+        ["-importcert", "-noprompt", "-alias", "ca", "-file", ca_pem, *broker],
+        ["-importcert", "-noprompt", "-alias", "broker", "-file", crt, *broker],
+    ]  # fmt: skip
+    for step in steps:
+        result = subprocess.run(["keytool", *step], env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BrokerError(f"keytool {step[0]} failed:\n{result.stdout}{result.stderr}")
+    for done in ("ca.p12", "broker.csr", "broker.crt"):
+        (tls / done).unlink()
+    (tls / "broker.p12").chmod(0o600)
+    _write_private(pass_file, password)
+    return password
 
 
 class Node:
     """One KRaft node (broker + controller) living in ``directory``."""
 
-    def __init__(self, info: NodeInfo, jars: Path) -> None:
+    def __init__(self, info: NodeInfo, jars: Path, scram_users: Sequence[ScramUser] = ()) -> None:
         self.info = info
         self.jars = jars
         self.dir = Path(info.directory)
+        self.scram_users = tuple(scram_users)
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM certificate a client must trust to reach the SASL_SSL listener."""
+        return self.dir / "tls" / "ca.pem"
 
     @property
     def log_path(self) -> Path:
@@ -170,7 +290,11 @@ class Node:
         data = self.dir / "data"
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         props = self.dir / "server.properties"
-        props.write_text(render_properties(self.info, voters, data))
+        if self.info.sasl_ssl_port:
+            keystore_password = make_tls(self.dir / "tls")
+            _write_private(props, render_properties(self.info, voters, data, keystore_password))
+        else:
+            props.write_text(render_properties(self.info, voters, data))
         if (data / "meta.properties").is_file():
             return
         cmd = [
@@ -178,16 +302,32 @@ class Node:
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "-t",
-            cluster_id,
-            "-c",
-            str(props),
+            f"--cluster-id={cluster_id}",  # '=' form: a base64 id may start with '-'
+            f"--config={props}",
         ]
         if len(voters) == 1:
-            cmd.insert(-4, "--standalone")
-        result = subprocess.run(cmd, capture_output=True, text=True)
+            cmd.append("--standalone")
+        with self._scram_args() as args:
+            result = subprocess.run([*cmd, *args], capture_output=True, text=True)
         if result.returncode != 0:
-            raise BrokerError(f"storage format failed:\n{result.stdout}{result.stderr}")
+            output = result.stdout + result.stderr
+            for user in self.scram_users:
+                output = output.replace(user.password, "***")
+            raise BrokerError(f"storage format failed:\n{output}")
+
+    @contextmanager
+    def _scram_args(self) -> Iterator[list[str]]:
+        """``@file`` naming a 0600 file with the ``--add-scram`` options, removed afterwards."""
+        if not self.scram_users:
+            yield []
+            return
+        path = self.dir / "scram.args"
+        lines = [f"--add-scram\n{u.add_scram}\n" for u in self.scram_users]
+        _write_private(path, "".join(lines))
+        try:
+            yield [f"@{path}"]
+        finally:
+            path.unlink(missing_ok=True)
 
     def _java(self, heap: list[str] | None = None) -> list[str]:
         log4j = project_root() / "deploy" / "kafka" / "log4j2.yaml"
@@ -316,8 +456,15 @@ class Cluster:
         jars: Path | None = None,
         broker_port: int | None = None,
         controller_port: int | None = None,
+        scram_users: Sequence[ScramUser] = (),
     ) -> Cluster:
-        """Lay out ``size`` nodes; reuses the ports of an earlier run in the same folder."""
+        """Lay out ``size`` nodes; reuses the ports of an earlier run in the same folder.
+
+        With ``scram_users`` the (single) node also serves SASL_SSL; the users are created
+        when its storage is first formatted (a node formatted earlier keeps its users).
+        """
+        if scram_users and size != 1:
+            raise BrokerError("a SASL_SSL listener is only supported on a single node")
         jars = jars or fetch_jars()
         state_dir.mkdir(parents=True, exist_ok=True)
         infos = [i for i in (_read_info(state_dir / f"node-{n}") for n in range(1, size + 1)) if i]
@@ -331,7 +478,10 @@ class Cluster:
                 )
                 for n in range(1, size + 1)
             ]
-        return cls(state_dir, [Node(i, jars) for i in infos])
+        if scram_users and infos[0].sasl_ssl_port is None:
+            taken = {infos[0].broker_port, infos[0].controller_port}
+            infos[0].sasl_ssl_port = next(p for p in free_ports(3) if p not in taken)
+        return cls(state_dir, [Node(i, jars, scram_users) for i in infos])
 
     def start(self, timeout_s: float = 90.0) -> None:
         running = [n for n in self.nodes if n.info.pid and _alive(n.info.pid)]
@@ -346,6 +496,8 @@ class Cluster:
                     f"port {n.info.broker_port} or {n.info.controller_port} is in use; "
                     "stop whatever holds it or choose another with --port"
                 )
+            if n.info.sasl_ssl_port and not _port_free(n.info.sasl_ssl_port):
+                raise BrokerError(f"SASL_SSL port {n.info.sasl_ssl_port} is in use")
         id_file = self.state_dir / "cluster.id"
         if not id_file.is_file():
             id_file.write_text(new_cluster_id())
