@@ -9,7 +9,7 @@ KAFKA_PORT ?= 9092
 PYTEST_ARGS ?=
 export POINTSMAN_HOME := $(CURDIR)
 
-.PHONY: help venv asyncapi-specs kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
+.PHONY: help venv asyncapi-specs train eval bench-model kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
 
 help:
 	@echo "make run    - set up, start Kafka on 127.0.0.1:$(KAFKA_PORT), create topics, run the demo"
@@ -18,11 +18,12 @@ help:
 	@echo "make lint   - ruff and mypy"
 	@echo "make schemas- regenerate schemas/ from the event models"
 	@echo "make test-soak - the long soak/chaos runs (not in the default suite)"
+	@echo "make train  - retrain the classifier model; make eval - rescore it; make bench-model"
 
 $(STAMP): pyproject.toml services/classifier/pyproject.toml services/dispatcher/pyproject.toml services/auditor/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' -e services/classifier -e services/dispatcher -e services/auditor
+	$(BIN)/pip install -q -e '.[dev]' -e 'services/classifier[train,eval]' -e services/dispatcher -e services/auditor
 	touch $@
 
 venv: $(STAMP)
@@ -64,6 +65,18 @@ test: kafka-fetch asyncapi-specs
 
 test-soak: kafka-fetch
 	$(BIN)/pytest --soak -m soak $(PYTEST_ARGS)
+
+# The classifier model (docs/classifier.md). `make train` rebuilds the packaged artifact from
+# ../shared/datasets and data/natural (about 40 min on 2 cores); `make eval` re-scores it on the
+# test splits and rewrites docs/model-card.md; `make bench-model` prints and saves its speed.
+train: venv
+	$(BIN)/pointsman train
+
+eval: venv
+	$(BIN)/pointsman eval
+
+bench-model: venv
+	$(BIN)/python bench/model.py
 
 lint: venv
 	$(BIN)/ruff check src services tests

@@ -70,3 +70,27 @@ async def kafka_settings(kafka_bootstrap: str) -> AsyncIterator[Settings]:
     finally:
         await admin.close()
     yield settings
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier artifact from a tiny random DistilBERT, through the real training path:
+    train → ONNX export → int8 quantization → calibration (about 10 s)."""
+    from pointsman_classifier.modeling import RANDOM_DISTILBERT
+    from pointsman_classifier.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny-artifact")
+    train(
+        TrainConfig(
+            shared_dir=ROOT.parent / "shared" / "datasets",
+            natural_dir=ROOT / "data" / "natural",
+            out_dir=out,
+            base=RANDOM_DISTILBERT,
+            epochs=1,
+            max_rows=200,
+            agreement_rows=300,
+            calibration_cap=50,
+            threads=1,
+        )
+    )
+    return out

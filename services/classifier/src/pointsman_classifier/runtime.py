@@ -1,0 +1,179 @@
+"""Serving the model: int8 ONNX + tokenizer + metadata, no torch.
+
+An artifact is a folder with ``model.onnx``, ``tokenizer.json`` and ``metadata.json``. The
+metadata lists the sha256 of the other two files and :meth:`ClassifierModel.load` refuses a folder
+whose files do not match, so a half-copied or tampered model never serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from tokenizers import Tokenizer
+
+from pointsman_classifier.calibrate import decide_risk, softmax
+
+ARTIFACT_FILES = ("model.onnx", "tokenizer.json")
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def default_artifact() -> Path:
+    return Path(str(resources.files("pointsman_classifier").joinpath("artifact")))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    domain: str
+    risk: str
+    domain_probs: dict[str, float]
+    risk_probs: dict[str, float]
+    confidence: float
+    ambiguous: bool
+    truncated: bool
+    model_version: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "risk": self.risk,
+            "confidence": round(self.confidence, 6),
+            "ambiguous": self.ambiguous,
+            "truncated": self.truncated,
+            "domain_probs": {k: round(v, 6) for k, v in self.domain_probs.items()},
+            "risk_probs": {k: round(v, 6) for k, v in self.risk_probs.items()},
+            "model_version": self.model_version,
+        }
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: NDArray[np.int64]
+    attention_mask: NDArray[np.int64]
+    truncated: list[bool]
+
+
+class ClassifierModel:
+    def __init__(
+        self,
+        directory: Path,
+        metadata: dict[str, Any],
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+    ) -> None:
+        self.directory = directory
+        self.metadata = metadata
+        self.session = session
+        self.tokenizer = tokenizer
+        self.domains: tuple[str, ...] = tuple(metadata["labels"]["domain"])
+        self.risks: tuple[str, ...] = tuple(metadata["labels"]["risk"])
+        self.max_length = int(metadata["max_length"])
+        self.version = str(metadata["model_version"])
+        self.t_domain = float(metadata["calibration"]["temperature_domain"])
+        self.t_risk = float(metadata["calibration"]["temperature_risk"])
+        thresholds = metadata["calibration"]["risk_thresholds"]
+        self.risk_thresholds = np.array([1.0] + [thresholds[r] for r in self.risks[1:]])
+        self.ambiguity_threshold = float(metadata["calibration"]["ambiguity_threshold"])
+
+    @classmethod
+    def load(
+        cls, directory: Path | None = None, *, intra_op_threads: int = 1, verify: bool = True
+    ) -> ClassifierModel:
+        directory = directory or default_artifact()
+        meta_path = directory / "metadata.json"
+        if not meta_path.is_file():
+            raise ArtifactError(f"no metadata.json in {directory}: not a classifier artifact")
+        metadata = json.loads(meta_path.read_text())
+        if verify:
+            for name in ARTIFACT_FILES:
+                expected = metadata["files"].get(name)
+                path = directory / name
+                if not path.is_file():
+                    raise ArtifactError(f"{path} is missing")
+                actual = sha256_file(path)
+                if actual != expected:
+                    raise ArtifactError(
+                        f"{path}: sha256 {actual} does not match metadata {expected}"
+                    )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(
+            str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=int(metadata["max_length"]))
+        return cls(directory, metadata, session, tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        """Token ids padded to the longest text of the batch (dynamic padding)."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(encodings), longest), dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return Encoded(ids, mask, [bool(e.overflowing) for e in encodings])
+
+    def logits(self, encoded: Encoded) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        domain, risk = self.session.run(
+            ["domain_logits", "risk_logits"],
+            {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask},
+        )
+        return np.asarray(domain, dtype=np.float64), np.asarray(risk, dtype=np.float64)
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        if not texts:
+            return []
+        encoded = self.encode(texts)
+        domain_logits, risk_logits = self.logits(encoded)
+        return self.decide(domain_logits, risk_logits, encoded.truncated)
+
+    def decide(
+        self,
+        domain_logits: NDArray[np.float64],
+        risk_logits: NDArray[np.float64],
+        truncated: Sequence[bool],
+    ) -> list[Prediction]:
+        dp = softmax(domain_logits, self.t_domain)
+        rp = softmax(risk_logits, self.t_risk)
+        risk_idx = decide_risk(rp, self.risk_thresholds)
+        out = []
+        for i in range(len(dp)):
+            d = int(dp[i].argmax())
+            confidence = float(dp[i, d])
+            out.append(
+                Prediction(
+                    domain=self.domains[d],
+                    risk=self.risks[int(risk_idx[i])],
+                    domain_probs={k: float(v) for k, v in zip(self.domains, dp[i], strict=True)},
+                    risk_probs={k: float(v) for k, v in zip(self.risks, rp[i], strict=True)},
+                    confidence=confidence,
+                    ambiguous=confidence < self.ambiguity_threshold,
+                    truncated=truncated[i],
+                    model_version=self.version,
+                )
+            )
+        return out

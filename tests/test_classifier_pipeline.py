@@ -1,0 +1,163 @@
+"""The classifier's train → export → quantize → calibrate → serve path, on a tiny random
+DistilBERT (the same code path as the real model), and `pointsman classify`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pointsman_classifier.labels import DOMAINS, RISKS
+from pointsman_classifier.runtime import ArtifactError, ClassifierModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_artifact_has_what_serving_needs(tiny_artifact: Path) -> None:
+    meta = json.loads((tiny_artifact / "metadata.json").read_text())
+    assert meta["labels"] == {"domain": list(DOMAINS), "risk": list(RISKS)}
+    assert meta["base_model"] == "random-distilbert-tiny"
+    assert len(meta["training"]["data_fingerprint"]) == 64
+    cal = meta["calibration"]
+    assert cal["temperature_domain"] > 0 and cal["temperature_risk"] > 0
+    assert set(cal["risk_thresholds"]) == set(RISKS[1:])
+    assert 0 <= cal["ambiguity_threshold"] <= 1
+    agreement = meta["metrics"]["int8_fp32_agreement"]
+    assert agreement["rows"] == 300 and agreement["domain"] >= 0.9
+
+
+def test_onnx_graph_is_int8_with_dynamic_axes(tiny_artifact: Path) -> None:
+    model = onnx.load(str(tiny_artifact / "model.onnx"))
+    assert model.opset_import[0].version >= 17
+    ops = {n.op_type for n in model.graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul"}, ops
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "sequence"]
+
+
+def test_predictions_are_probabilities_in_order(tiny_artifact: Path) -> None:
+    model = ClassifierModel.load(tiny_artifact)
+    texts = [
+        "is it legal to bring melatonin into Japan",
+        "a poem about my chemo",
+        "hi",
+        "word " * 400,
+    ]
+    preds = model.predict(texts)
+    assert len(preds) == 4
+    for p in preds:
+        assert sum(p.domain_probs.values()) == pytest.approx(1.0, abs=1e-6)
+        assert sum(p.risk_probs.values()) == pytest.approx(1.0, abs=1e-6)
+        assert p.domain in DOMAINS and p.risk in RISKS
+        assert p.confidence == pytest.approx(max(p.domain_probs.values()))
+    assert [p.truncated for p in preds] == [False, False, False, True]
+    # padding in a batch does not change a prediction (beyond int8 activation rounding: the
+    # dynamic quantization scale is per batch; the fp32 graph is exact, see the agreement test)
+    alone = model.predict([texts[1]])[0]
+    assert alone.domain_probs == pytest.approx(preds[1].domain_probs, abs=0.02)
+
+
+def test_tampered_model_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:
+    for name in ("model.onnx", "tokenizer.json", "metadata.json"):
+        (tmp_path / name).write_bytes((tiny_artifact / name).read_bytes())
+    with open(tmp_path / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="sha256"):
+        ClassifierModel.load(tmp_path)
+    with pytest.raises(ArtifactError, match=r"metadata\.json"):
+        ClassifierModel.load(tmp_path / "nowhere")
+
+
+def test_classify_cli_keeps_order_and_reports_bad_lines(tiny_artifact: Path) -> None:
+    lines = [
+        json.dumps({"text": "how do I refinance my mortgage"}),
+        "plain text query about a visa",
+        json.dumps({"text": "   "}),
+        "{not json",
+        json.dumps({"text": "x" * 50}),
+        json.dumps({"prompt": "wrong key"}),
+        json.dumps({"text": "last one"}),
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pointsman",
+            "classify",
+            "--model",
+            str(tiny_artifact),
+            "--max-chars",
+            "40",
+            "--batch-size",
+            "2",
+        ],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [o["line"] for o in out] == [1, 2, 3, 4, 5, 6, 7]
+    assert [("error" in o) for o in out] == [False, False, True, True, True, True, False]
+    assert "empty" in out[2]["error"] and "JSON" in out[3]["error"] and "limit" in out[4]["error"]
+    ok = out[0]
+    assert {
+        "domain",
+        "risk",
+        "domain_probs",
+        "risk_probs",
+        "confidence",
+        "ambiguous",
+        "model_version",
+    } <= set(ok)
+    assert "torch" not in result.stderr
+
+
+def test_classify_runs_without_torch(tiny_artifact: Path) -> None:
+    """Serving never imports torch: block it and classify."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from pointsman_classifier.runtime import ClassifierModel\n"
+        f"m = ClassifierModel.load(__import__('pathlib').Path({str(tiny_artifact)!r}))\n"
+        "print(m.predict(['hello'])[0].domain)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in DOMAINS
+
+
+def test_fp32_export_honours_the_attention_mask(tmp_path: Path) -> None:
+    """A padded row gives exactly the logits it gives alone: the mask is in the graph, not
+    traced away as a constant."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from pointsman_classifier.modeling import (
+        RANDOM_DISTILBERT,
+        TwoHeadClassifier,
+        export_onnx,
+        load_encoder,
+    )
+
+    torch.manual_seed(0)
+    model = TwoHeadClassifier(load_encoder(RANDOM_DISTILBERT)).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    alone = np.array([[101, 2054, 2003, 1037, 102]])
+    batch = np.array([[101, 2054, 2003, 1037, 102, 0, 0, 0], [101, 2, 3, 4, 5, 6, 7, 102]])
+    mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1] * 8])
+    d1, r1 = session.run(None, {"input_ids": alone, "attention_mask": np.ones_like(alone)})
+    d2, r2 = session.run(None, {"input_ids": batch, "attention_mask": mask})
+    assert np.abs(d1[0] - d2[0]).max() < 1e-5 and np.abs(r1[0] - r2[0]).max() < 1e-5
+    with torch.no_grad():
+        torch_d, _ = model(torch.tensor(batch), torch.tensor(mask))
+    assert np.abs(torch_d.numpy() - d2).max() < 1e-4
