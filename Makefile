@@ -79,8 +79,8 @@ bench-model: venv
 	$(BIN)/python bench/model.py
 
 lint: venv
-	$(BIN)/ruff check src services tests
-	$(BIN)/ruff format --check src services tests
+	$(BIN)/ruff check src services tests bench
+	$(BIN)/ruff format --check src services tests bench
 	$(BIN)/mypy
 
 schemas: venv

@@ -103,14 +103,18 @@ def cold_start(model_dir: Path, runs: int = 5) -> dict[str, float]:
     times, rss = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", COLD, str(model_dir)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", COLD, str(model_dir)], capture_output=True, text=True, check=True
+        )
         times.append(time.perf_counter() - start)
         _domain, maxrss_kb, torch_loaded = out.stdout.split()
         assert torch_loaded == "False", "serving must not import torch"
         rss.append(int(maxrss_kb) / 1024)
-    return {"cold_start_s_median": statistics.median(times), "cold_start_s_max": max(times),
-            "peak_rss_mb": max(rss)}
+    return {
+        "cold_start_s_median": statistics.median(times),
+        "cold_start_s_max": max(times),
+        "peak_rss_mb": max(rss),
+    }
 
 
 def main() -> int:
@@ -133,23 +137,39 @@ def main() -> int:
     cold = cold_start(args.model)
     result = {
         "model_version": one.version,
-        "machine": {"cores": cores, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine()},
-        "single_query": {"queries": len(lat), "max_tokens": 32, "intra_op_threads": 1,
-                         "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-                         "mean_ms": statistics.fmean(lat)},
-        "single_query_all_cores": {"p50_ms": percentile(lat_all, 50),
-                                   "p99_ms": percentile(lat_all, 99)},
-        "batch_throughput": {"queries": len(mixed), "batch": 64,
-                             "qps_1_thread": tput_1, f"qps_{cores}_threads": tput_all,
-                             "qps_per_core_best": max(tput_1, tput_all / cores)},
+        "machine": {
+            "cores": cores,
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "single_query": {
+            "queries": len(lat),
+            "max_tokens": 32,
+            "intra_op_threads": 1,
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+            "mean_ms": statistics.fmean(lat),
+        },
+        "single_query_all_cores": {
+            "p50_ms": percentile(lat_all, 50),
+            "p99_ms": percentile(lat_all, 99),
+        },
+        "batch_throughput": {
+            "queries": len(mixed),
+            "batch": 64,
+            "qps_1_thread": tput_1,
+            f"qps_{cores}_threads": tput_all,
+            "qps_per_core_best": max(tput_1, tput_all / cores),
+        },
         "torch_fp32_single_query": fp32,
         "speedup_vs_torch_fp32_p50": (fp32["p50_ms"] / percentile(lat[:300], 50)) if fp32 else None,
         **cold,
-        "targets": {"p50_ms<=3": percentile(lat, 50) <= 3.0,
-                    "speedup>=3": bool(fp32 and fp32["p50_ms"] / percentile(lat[:300], 50) >= 3),
-                    "peak_rss_mb<=250": cold["peak_rss_mb"] <= 250,
-                    "cold_start_s<=2": cold["cold_start_s_max"] <= 2.0},
+        "targets": {
+            "p50_ms<=3": percentile(lat, 50) <= 3.0,
+            "speedup>=3": bool(fp32 and fp32["p50_ms"] / percentile(lat[:300], 50) >= 3),
+            "peak_rss_mb<=250": cold["peak_rss_mb"] <= 250,
+            "cold_start_s<=2": cold["cold_start_s_max"] <= 2.0,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pointsman_classifier.evaluate import (
+from pointsman_classifier.metrics import (
     accuracy,
     confusion_matrix,
     macro_f1,
