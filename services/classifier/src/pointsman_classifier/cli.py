@@ -56,6 +56,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
+    p.add_argument(
+        "--keep-fp32",
+        default=".state/classifier/model.fp32.onnx",
+        help="also keep the fp32 ONNX here, outside the artifact ('' for no)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -167,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         max_rows=args.max_rows,
+        keep_fp32=Path(args.keep_fp32) if args.keep_fp32 else None,
     )
     meta = train(config)
     print(

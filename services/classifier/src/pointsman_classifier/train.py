@@ -60,6 +60,7 @@ class TrainConfig:
     max_rows: int | None = None  # cap the training rows (smoke tests)
     calibration_cap: int = 400  # public validation rows per source used for calibration
     agreement_rows: int = 4000  # test rows on which int8 must agree with fp32
+    keep_fp32: Path | None = None  # also keep the fp32 ONNX here (not part of the artifact)
     caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
     natural_repeat: int = data.NATURAL_REPEAT
 
@@ -246,6 +247,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         fp32 = work / "model.fp32.onnx"
         export_onnx(model, fp32)
         artifact = write_artifact(config, fp32, tokenizer, examples, work)
+        if config.keep_fp32:
+            config.keep_fp32.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(fp32, config.keep_fp32)
+            log.info("fp32 model kept at %s", config.keep_fp32)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     artifact["training"]["seconds"] = round(time.monotonic() - started, 1)
@@ -257,9 +262,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def quantize(fp32: Path, int8: Path) -> None:
+    """Dynamic int8: per-channel weight scales; the two small heads stay fp32 (they decide the
+    label, and cost nothing)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=False)
+    heads = [n.name for n in onnx.load(str(fp32)).graph.node if "_head" in n.name]
+    heads += [f"{name}_MatMul" for name in heads]  # the quantizer splits Gemm into MatMul + Add
+    quantize_dynamic(
+        str(fp32),
+        str(int8),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=heads,
+    )
 
 
 def write_artifact(
