@@ -9,7 +9,7 @@ KAFKA_PORT ?= 9092
 PYTEST_ARGS ?=
 export POINTSMAN_HOME := $(CURDIR)
 
-.PHONY: help venv asyncapi-specs train eval bench-model kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
+.PHONY: help venv asyncapi-specs train eval bench-model bench-classifier services-start services-stop kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
 
 help:
 	@echo "make run    - set up, start Kafka on 127.0.0.1:$(KAFKA_PORT), create topics, run the demo"
@@ -50,7 +50,25 @@ kafka-stop:
 topics: kafka-start
 	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman topics create
 
-run: topics
+# Services run in the background; pid files and logs in .state/run/.
+services-start: topics
+	@mkdir -p .state/run
+	@if [ -f .state/run/classifier.pid ] && kill -0 $$(cat .state/run/classifier.pid) 2>/dev/null; then \
+		echo "classifier already running"; \
+	else \
+		POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) nohup $(BIN)/pointsman classifier \
+			--instance-id local-0 > .state/run/classifier.log 2>&1 & echo $$! > .state/run/classifier.pid; \
+		echo "classifier started (log: .state/run/classifier.log, ops: http://127.0.0.1:9400/metrics)"; \
+	fi
+
+services-stop:
+	@if [ -f .state/run/classifier.pid ]; then \
+		kill -TERM $$(cat .state/run/classifier.pid) 2>/dev/null || true; \
+		while kill -0 $$(cat .state/run/classifier.pid) 2>/dev/null; do sleep 0.2; done; \
+		rm -f .state/run/classifier.pid; echo "classifier stopped"; \
+	fi
+
+run: services-start
 	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman demo
 	@echo
 	@echo "Kafka is running on 127.0.0.1:$(KAFKA_PORT). Try:"
@@ -58,7 +76,7 @@ run: topics
 	@echo "  $(BIN)/pointsman tail queries        # or: tagged, responses, dead_letters, audit"
 	@echo "  make stop                            # stops everything make run started"
 
-stop: kafka-stop
+stop: services-stop kafka-stop
 
 test: kafka-fetch asyncapi-specs
 	POINTSMAN_ASYNCAPI_SPEC=$(CURDIR)/$(ASYNCAPI_SPECS) $(BIN)/pytest $(PYTEST_ARGS)
@@ -77,6 +95,10 @@ eval: venv
 
 bench-model: venv
 	$(BIN)/python bench/model.py
+
+# The classifier service on a real broker it starts itself (about 5 minutes).
+bench-classifier: kafka-fetch
+	$(BIN)/python bench/classifier.py
 
 lint: venv
 	$(BIN)/ruff check src services tests bench

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from pointsman.config import Settings
 from pointsman.kafka import client_kwargs, make_admin
@@ -72,3 +73,20 @@ async def wait_for(predicate: Any, timeout_s: float = 30.0, every_s: float = 0.2
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(every_s)
+
+
+async def group_members(settings: Settings, group_id: str) -> int:
+    """How many members the consumer group has now (0 if it does not exist)."""
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        try:
+            [response] = await admin.describe_consumer_groups([group_id])
+        except KafkaError:  # e.g. the coordinator is not elected yet on a fresh broker
+            return 0
+        groups = response.groups
+        return (
+            len(groups[0][5]) if groups else 0
+        )  # (error, id, state, protocol type, protocol, members)
+    finally:
+        await admin.close()

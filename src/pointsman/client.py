@@ -47,6 +47,16 @@ class Client:
         )
         return query.query_id
 
+    async def submit(self, query: QueryEvent) -> asyncio.Future[Any]:
+        """Queue a query for sending; the returned future resolves when the broker has it
+        (for high-rate publishers that do not wait message by message)."""
+        assert self._producer is not None, "use `async with Client(...)`"
+        record = event_record(self.settings.topics.name("queries"), query)
+        future: asyncio.Future[Any] = await self._producer.send(
+            record.topic, record.value, key=record.key, headers=list(record.headers)
+        )
+        return future
+
     async def send_raw(self, value: bytes, key: bytes | None = None, role: str = "queries") -> None:
         """Publish bytes as they are (for tests and replays of dead letters)."""
         assert self._producer is not None, "use `async with Client(...)`"

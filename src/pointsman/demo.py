@@ -1,9 +1,8 @@
 """The `make run` demo: publish a few queries and show what the pipeline did with them.
 
-It publishes a single-turn query, a chat and a query with caller constraints, then follows each
-query id through the topics that exist downstream (tagged, responses, dead letters) for as long
-as services are running to fill them. With no service running yet, it shows the queries on the
-queries topic, which is where every upstream system's work begins.
+It publishes a single-turn query, a chat and a query with caller constraints, shows them on the
+queries topic, waits for the classifier's tagged events, and says what reached the responses and
+dead-letter topics (the dispatcher that writes responses comes later).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def samples() -> list[QueryEvent]:
     ]
 
 
-async def run_demo(settings: Settings, follow_s: float = 3.0) -> int:
+async def run_demo(settings: Settings, follow_s: float = 30.0) -> int:
     queries = samples()
     async with Client(settings) as client:
         for q in queries:
@@ -49,15 +48,29 @@ async def run_demo(settings: Settings, follow_s: float = 3.0) -> int:
             print(f"published {q.query_id}: {q.query_text()!r}")
     ids = {q.query_id for q in queries}
     print(f"\non {settings.topics.name('queries')}:")
-    async for event in read_topic(settings, "queries", timeout_s=follow_s):
+    async for event in read_topic(settings, "queries", timeout_s=2.0):
         if event.get("query_id") in ids:
             print("  " + orjson.dumps({k: event[k] for k in ("query_id", "_kafka")}).decode())
-    for role in ("tagged", "responses", "dead_letters"):
+    print(
+        f"\nwaiting up to {follow_s:.0f}s for the classifier on {settings.topics.name('tagged')}:"
+    )
+    seen: set[str] = set()
+    async for e in read_topic(settings, "tagged", timeout_s=follow_s):
+        if e.get("query_id") in ids and e["query_id"] not in seen:
+            seen.add(e["query_id"])
+            tags = e["tags"]
+            print(
+                f"  {e['query_id']}: domain={tags['domain']} risk={tags['risk']} "
+                f"confidence={tags['confidence']:.2f} ambiguous={tags['ambiguous']}"
+            )
+            if seen == ids:
+                break
+    if seen != ids:
+        print(f"  {len(ids - seen)} quer(ies) not tagged yet: is `pointsman classifier` running?")
+    for role in ("responses", "dead_letters"):
         found = [
             e async for e in read_topic(settings, role, timeout_s=1.0) if e.get("query_id") in ids
         ]
         print(f"on {settings.topics.name(role)}: {len(found)} event(s) for these queries")
-        for e in found:
-            print("  " + orjson.dumps(e).decode()[:300])
     await asyncio.sleep(0)
     return 0

@@ -6,7 +6,7 @@ Counters and histograms are module-level (one registry per process, as Prometheu
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES_IN = Counter("pointsman_messages_in_total", "Records consumed.", ["service", "topic"])
 MESSAGES_OUT = Counter("pointsman_messages_out_total", "Records produced.", ["service", "topic"])
@@ -24,6 +24,11 @@ BATCH_SECONDS = Histogram(
     "Time to process and commit one batch.",
     ["service"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CONSUMER_LAG = Gauge(
+    "pointsman_consumer_lag",
+    "Records behind the partition's high watermark, after a batch.",
+    ["service", "topic", "partition"],
 )
 ABORTED_TRANSACTIONS = Counter(
     "pointsman_aborted_transactions_total", "Transactions aborted and retried.", ["service"]

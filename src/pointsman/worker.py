@@ -173,6 +173,13 @@ class Worker(Generic[E]):
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
         await self._commit(outputs, offsets, records)
         metrics.BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
+        assert self.consumer is not None
+        for tp, next_offset in offsets.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(
+                    max(0, highwater - next_offset)
+                )
 
     async def _handle(self, decoded: list[Incoming[E]]) -> list[Produce]:
         if not decoded:

@@ -144,12 +144,22 @@ class ClassifierModel:
         )
         return np.asarray(domain, dtype=np.float64), np.asarray(risk, dtype=np.float64)
 
-    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+    def predict(self, texts: Sequence[str], bucket: int = 64) -> list[Prediction]:
+        """Predictions in input order. Large inputs run in length-sorted chunks of ``bucket``
+        (length bucketing: each chunk is padded only to its own longest text)."""
         if not texts:
             return []
-        encoded = self.encode(texts)
-        domain_logits, risk_logits = self.logits(encoded)
-        return self.decide(domain_logits, risk_logits, encoded.truncated)
+        if len(texts) <= bucket:
+            encoded = self.encode(texts)
+            domain_logits, risk_logits = self.logits(encoded)
+            return self.decide(domain_logits, risk_logits, encoded.truncated)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Prediction | None] = [None] * len(texts)
+        for start in range(0, len(order), bucket):
+            idx = order[start : start + bucket]
+            for i, p in zip(idx, self.predict([texts[i] for i in idx], bucket), strict=True):
+                out[i] = p
+        return [p for p in out if p is not None]
 
     def decide(
         self,

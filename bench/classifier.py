@@ -1,0 +1,278 @@
+"""Benchmark of the classifier service on a real broker.
+
+    make bench-classifier       # or: .venv/bin/python bench/classifier.py [--queries 20000]
+
+Starts its own single-node Kafka on free ports (or uses POINTSMAN_BENCH_BOOTSTRAP), then:
+1. raw ORT batch throughput of the model on the same texts, same machine, same run;
+2. for each configuration (1 replica x 1 thread, 1 replica x 2 threads, 2 replicas x 1 thread):
+   preload K queries drawn from the test splits, start the replicas, and time from the first
+   tagged event to the K-th (msg/s; model load and group join excluded), peak RSS per replica;
+3. latency from publish to tagged event (read_committed) at a steady rate below capacity, with
+   the best configuration.
+Prints the figures and writes bench/results/classifier.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from pointsman.broker import Cluster, fetch_jars  # noqa: E402
+from pointsman.client import Client  # noqa: E402
+from pointsman.config import Settings, load_settings  # noqa: E402
+from pointsman.events import QueryEvent  # noqa: E402
+from pointsman.kafka import make_admin, make_consumer  # noqa: E402
+from pointsman.topics import provision, topic_specs  # noqa: E402
+from pointsman_classifier import data  # noqa: E402
+from pointsman_classifier.runtime import ClassifierModel  # noqa: E402
+
+CONFIGS = [(1, 1), (1, 2), (2, 1)]  # (replicas, intra-op threads)
+
+
+def texts_from_test_splits(k: int, seed: int = 7) -> list[str]:
+    examples = data.load_all(ROOT.parent / "shared" / "datasets", ROOT / "data" / "natural")
+    texts = [e.text for e in examples if e.split == "test"]
+    random.Random(seed).shuffle(texts)
+    return [texts[i % len(texts)] for i in range(k)]
+
+
+def raw_throughput(texts: list[str], threads: int, batch: int = 256) -> float:
+    model = ClassifierModel.load(intra_op_threads=threads)
+    model.predict(texts[:batch])
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        model.predict(texts[i : i + batch])
+    return len(texts) / (time.perf_counter() - start)
+
+
+async def fresh_settings(bootstrap: str) -> Settings:
+    settings = load_settings(
+        environ={
+            "POINTSMAN_BOOTSTRAP_SERVERS": bootstrap,
+            "POINTSMAN_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}.",
+        }
+    )
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        await provision(admin, topic_specs(settings))
+    finally:
+        await admin.close()
+    return settings
+
+
+async def publish(
+    settings: Settings, texts: list[str], rate: float | None = None
+) -> dict[str, float]:
+    sent: dict[str, float] = {}
+    async with Client(settings) as client:
+        start = time.perf_counter()
+        futures = []
+        for i, text in enumerate(texts):
+            q = QueryEvent(query_id=f"q{i}", text=text)
+            if rate:
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            sent[q.query_id] = time.time()
+            futures.append(await client.submit(q))
+        await asyncio.gather(*futures)
+    return sent
+
+
+def start_replicas(
+    settings: Settings, replicas: int, threads: int
+) -> list[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ,
+        "POINTSMAN_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "POINTSMAN_TOPIC_PREFIX": settings.topics.prefix,
+        "POINTSMAN_LOG_LEVEL": "WARNING",
+    }
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pointsman",
+                "classifier",
+                "--instance-id",
+                f"bench-{i}",
+                "--threads",
+                str(threads),
+                "--ops-port",
+                "0",
+                "--max-batch",
+                "256",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(replicas)
+    ]
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def consume_tagged(
+    settings: Settings, count: int, timeout_s: float
+) -> list[tuple[str, float]]:
+    """(query_id, arrival wall time) for ``count`` committed tagged events."""
+    consumer = make_consumer(settings.kafka, settings.topics.name("tagged"), group_id=None)
+    await consumer.start()
+    out: list[tuple[str, float]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100, max_records=5000)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    out.append((r.key.decode() if r.key else "", now))
+    finally:
+        await consumer.stop()
+    if len(out) < count:
+        raise RuntimeError(f"only {len(out)} of {count} tagged events within {timeout_s}s")
+    return out
+
+
+async def run_config(
+    bootstrap: str, texts: list[str], replicas: int, threads: int
+) -> dict[str, Any]:
+    settings = await fresh_settings(bootstrap)
+    await publish(settings, texts)
+    procs = start_replicas(settings, replicas, threads)
+    try:
+        arrivals = await consume_tagged(settings, len(texts), timeout_s=900)
+        rss = [peak_rss_mb(p.pid) for p in procs]
+    finally:
+        stop_all(procs)
+    first, last = arrivals[0][1], arrivals[-1][1]
+    # the first batch's arrival marks the start; count the events after it
+    after_first = sum(1 for _, t in arrivals if t > first)
+    msgs_per_s = after_first / max(1e-9, last - first)
+    return {
+        "replicas": replicas,
+        "threads": threads,
+        "queries": len(texts),
+        "msgs_per_s": msgs_per_s,
+        "peak_rss_mb_per_replica": rss,
+    }
+
+
+async def latency(
+    bootstrap: str, texts: list[str], replicas: int, threads: int, rate: float
+) -> dict[str, Any]:
+    settings = await fresh_settings(bootstrap)
+    procs = start_replicas(settings, replicas, threads)
+    try:
+        await publish(settings, texts[:50])  # warm-up: join the group, load the model
+        await consume_tagged(settings, 50, timeout_s=120)
+        reader = asyncio.create_task(consume_tagged(settings, len(texts), timeout_s=600))
+        sent = await publish(settings, texts[50:], rate=rate)
+        arrivals = await reader
+    finally:
+        stop_all(procs)
+    lat = [(t - sent[qid]) * 1000 for qid, t in arrivals if qid in sent]
+    return {
+        "rate_per_s": rate,
+        "queries": len(lat),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "replicas": replicas,
+        "threads": threads,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    texts = texts_from_test_splits(args.queries)
+    raw = {f"{t}_threads": raw_throughput(texts[:5000], t) for t in (1, 2)}
+    raw_best = max(raw.values())
+    bootstrap = os.environ.get("POINTSMAN_BENCH_BOOTSTRAP")
+    cluster = None
+    if not bootstrap:
+        cluster = Cluster.create(
+            Path(tempfile.mkdtemp(prefix="pointsman-bench-")), 1, jars=fetch_jars()
+        )
+        cluster.start()
+        bootstrap = cluster.bootstrap
+    try:
+        runs = [await run_config(bootstrap, texts, r, t) for r, t in CONFIGS]
+        best = max(runs, key=lambda r: r["msgs_per_s"])
+        lat = await latency(
+            bootstrap,
+            texts[: args.latency_queries],
+            best["replicas"],
+            best["threads"],
+            rate=args.latency_rate,
+        )
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return {
+        "msgs_per_s": best["msgs_per_s"],
+        "best_configuration": {"replicas": best["replicas"], "threads": best["threads"]},
+        "ratio_to_raw": best["msgs_per_s"] / raw_best,
+        "p50_ms": lat["p50_ms"],
+        "p99_ms": lat["p99_ms"],
+        "raw_ort_batch_throughput": raw,
+        "runs": runs,
+        "latency": lat,
+        "machine_cores": os.cpu_count(),
+        "targets": {
+            "msgs_per_s>=1500": best["msgs_per_s"] >= 1500,
+            "ratio_to_raw>=0.7": best["msgs_per_s"] / raw_best >= 0.7,
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", type=int, default=20000)
+    parser.add_argument("--latency-queries", type=int, default=3000)
+    parser.add_argument("--latency-rate", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "classifier.json")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
