@@ -110,3 +110,8 @@ def test_the_real_data_loads_with_every_label_and_no_test_text_in_train() -> Non
     assert {e.risk for e in train} == {"none", "jailbreak", "self_harm", "harmful"}
     natural_test = [e for e in examples if e.source.startswith("natural/") and e.split == "test"]
     assert len(natural_test) > 700
+
+
+def test_a_missing_data_folder_is_an_error_not_an_empty_set(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no \*\.jsonl"):
+        data.load_all(tmp_path / "absent", tmp_path)

@@ -81,6 +81,14 @@ def natural_split(text: str) -> str:
     return "train" if b < 70 else "validation" if b < 85 else "test"
 
 
+def _jsonl_files(directory: Path) -> list[Path]:
+    """The data files of a folder; a missing or empty folder is an error, not an empty set."""
+    files = sorted(directory.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl data files in {directory}")
+    return files
+
+
 def _read_jsonl(path: Path) -> Iterator[dict[str, str]]:
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -95,7 +103,7 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, str]]:
 
 def load_shared(directory: Path) -> list[Example]:
     out = []
-    for path in sorted(directory.glob("*.jsonl")):
+    for path in _jsonl_files(directory):
         stem = path.stem
         for row in _read_jsonl(path):
             split = shared_hash_split(row["text"]) if stem in RESPLIT_FILES else row["split"]
@@ -113,7 +121,7 @@ def load_shared(directory: Path) -> list[Example]:
 
 def load_natural(directory: Path) -> list[Example]:
     out = []
-    for path in sorted(directory.glob("*.jsonl")):
+    for path in _jsonl_files(directory):
         for row in _read_jsonl(path):
             out.append(
                 Example(
@@ -212,7 +220,7 @@ def fingerprint(*directories: Path) -> str:
     """sha256 over every data file (name and bytes), so a model names the data it saw."""
     h = hashlib.sha256()
     for directory in directories:
-        for path in sorted(directory.glob("*.jsonl")):
+        for path in _jsonl_files(directory):
             h.update(path.name.encode())
             h.update(path.read_bytes())
     return h.hexdigest()
