@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from pointsman.events import (
     DeadLetterEvent,
     DeadLetterReason,
     Event,
+    Identifier,
     QueryEvent,
     SourceRecord,
     TraceContext,
@@ -158,7 +159,13 @@ def dead_letter_for(
     )
 
 
-def _is_identifier(value: str) -> bool:
-    import re
+_IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 
-    return bool(re.fullmatch(r"[A-Za-z0-9._:@/+=-]{1,200}", value))
+
+def _is_identifier(value: str) -> bool:
+    """The same rule as the events' ``Identifier`` type (one definition, in events.py)."""
+    try:
+        _IDENTIFIER.validate_python(value)
+    except ValidationError:
+        return False
+    return True

@@ -171,7 +171,7 @@ class Worker(Generic[E]):
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-        await self._commit(outputs, offsets, records)
+        await self._commit(outputs, offsets)
         metrics.BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         assert self.consumer is not None
         for tp, next_offset in offsets.items():
@@ -235,9 +235,7 @@ class Worker(Generic[E]):
         )
         return event_record(self.dead_letter_topic, event)
 
-    async def _commit(
-        self, outputs: list[Produce], offsets: dict[TopicPartition, int], records: list[Any]
-    ) -> None:
+    async def _commit(self, outputs: list[Produce], offsets: dict[TopicPartition, int]) -> None:
         assert self.producer is not None and self.consumer is not None
         attempt = 0
         while True:

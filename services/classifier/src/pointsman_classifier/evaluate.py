@@ -381,14 +381,7 @@ def int8_fp32_agreement(
     """Agreement with an fp32 export beside the artifact, else the figure stored at training."""
     fp32 = model.directory / FP32_NAME
     if fp32.is_file() and texts:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(fp32), options, providers=["CPUExecutionProvider"])
-        ref = ClassifierModel(model.directory, model.metadata, session, model.tokenizer)
-        d32, r32 = batched_logits(ref, texts)
+        d32, r32 = batched_logits(model.with_graph(fp32), texts)
         return {
             "source": "measured",
             "domain": rate(d8.argmax(1) == d32.argmax(1)),

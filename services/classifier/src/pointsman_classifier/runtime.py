@@ -72,6 +72,17 @@ class Encoded:
     truncated: list[bool]
 
 
+def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Right-pad token id lists to the longest one; 1 marks real tokens in the mask."""
+    longest = max(len(x) for x in ids)
+    arr = np.zeros((len(ids), longest), dtype=np.int64)
+    mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for i, x in enumerate(ids):
+        arr[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    return arr, mask
+
+
 class ClassifierModel:
     def __init__(
         self,
@@ -129,13 +140,16 @@ class ClassifierModel:
     def encode(self, texts: Sequence[str]) -> Encoded:
         """Token ids padded to the longest text of the batch (dynamic padding)."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        longest = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), longest), dtype=np.int64)
-        mask = np.zeros((len(encodings), longest), dtype=np.int64)
-        for i, e in enumerate(encodings):
-            ids[i, : len(e.ids)] = e.ids
-            mask[i, : len(e.ids)] = 1
+        ids, mask = pad_ids([e.ids for e in encodings])
         return Encoded(ids, mask, [bool(e.overflowing) for e in encodings])
+
+    def with_graph(self, path: Path) -> ClassifierModel:
+        """The same tokenizer and calibration over another ONNX graph (e.g. the fp32 export)."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ClassifierModel(self.directory, self.metadata, session, self.tokenizer)
 
     def logits(self, encoded: Encoded) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         domain, risk = self.session.run(
