@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -360,13 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     registered = {ep.name: ep for ep in entry_points(group="pointsman.commands")}
     for name, package in SERVICES.items():
         if name in registered:
-            registered.pop(name).load()(sub)
+            _register_plugin(sub, registered.pop(name))
         else:
             p = sub.add_parser(name, help=f"[not available here: {package}]")
             p.set_defaults(func=_not_installed(name, package))
     for ep in registered.values():
-        ep.load()(sub)
+        _register_plugin(sub, ep)
     return parser
+
+
+def _register_plugin(sub: Any, ep: EntryPoint) -> None:
+    """Add a service's commands. A plugin that fails to import gets a command that says why,
+    instead of taking every other command down with it."""
+    try:
+        register = ep.load()
+    except Exception as exc:  # any import error of a plugin is reported the same way
+        error = f"{type(exc).__name__}: {exc}"
+        p = sub.add_parser(ep.name, help=f"[failed to load: {error}]")
+        p.set_defaults(func=_failed_plugin(ep.value, error))
+        return
+    register(sub)
+
+
+def _failed_plugin(target: str, error: str) -> Callable[[argparse.Namespace], int]:
+    def failed(_args: argparse.Namespace) -> int:
+        print(f"the command plugin {target} failed to load: {error}", file=sys.stderr)
+        return 2
+
+    return failed
 
 
 def _not_installed(name: str, package: str) -> Callable[[argparse.Namespace], int]:
