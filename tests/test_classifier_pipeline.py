@@ -161,3 +161,17 @@ def test_fp32_export_honours_the_attention_mask(tmp_path: Path) -> None:
     with torch.no_grad():
         torch_d, _ = model(torch.tensor(batch), torch.tensor(mask))
     assert np.abs(torch_d.numpy() - d2).max() < 1e-4
+
+
+def test_layer_pruning_keeps_evenly_spaced_layers_ending_with_the_last() -> None:
+    from pointsman_classifier.modeling import RANDOM_DISTILBERT, keep_layers, load_encoder
+
+    assert keep_layers(6, 3) == [1, 3, 5]
+    assert keep_layers(6, 2) == [2, 5]
+    assert keep_layers(6, 6) == list(range(6))
+    with pytest.raises(ValueError):
+        keep_layers(6, 7)
+    full = load_encoder(RANDOM_DISTILBERT)
+    pruned = load_encoder(RANDOM_DISTILBERT, layers=1)
+    assert len(pruned.transformer.layer) == pruned.config.n_layers == 1
+    assert len(full.transformer.layer) == 2

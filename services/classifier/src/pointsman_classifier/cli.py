@@ -51,8 +51,15 @@ def register(sub: Any) -> None:
     p.add_argument("--tokenizer", default="", help="tokenizer.json or hub id (default: the base's)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=6e-5)
+    p.add_argument("--lr", type=float, default=8e-5)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="keep this many encoder layers, evenly spaced, ending with the last (a smaller, "
+        "faster model; default: all)",
+    )
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
@@ -168,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        layers=args.layers,
         max_length=args.max_length,
         seed=args.seed,
         threads=args.threads,

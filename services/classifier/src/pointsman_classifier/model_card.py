@@ -211,7 +211,7 @@ def render_card(report: Report, config: EvalConfig) -> str:
         ["sha256 model.onnx", f"`{meta['files'].get('model.onnx', '')}`"],
         ["sha256 tokenizer.json", f"`{meta['files'].get('tokenizer.json', '')}`"],
     ]
-    for key in ("epochs", "batch_size", "lr", "head_lr", "max_rows", "seed", "threads"):
+    for key in ("epochs", "batch_size", "lr", "head_lr", "layers", "max_rows", "seed", "threads"):
         if key in cfg:
             model_rows.append([f"training {key}", cfg[key]])
     if "seconds" in training:

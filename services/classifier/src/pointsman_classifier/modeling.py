@@ -19,8 +19,35 @@ from pointsman_classifier.labels import DOMAINS, RISKS
 RANDOM_DISTILBERT = "random-distilbert-tiny"
 
 
-def load_encoder(base: str) -> nn.Module:
-    """A pretrained encoder (local path or hub id), or a tiny randomly initialised DistilBERT."""
+def keep_layers(total: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced layer indices out of ``total``, always ending with the last one
+    (its output is what the pooling was pretrained on)."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    step = total / keep
+    return sorted({total - 1 - int(i * step) for i in range(keep)})
+
+
+def load_encoder(base: str, layers: int | None = None) -> nn.Module:
+    """A pretrained encoder (local path or hub id), or a tiny randomly initialised DistilBERT;
+    with ``layers``, a shallower copy that keeps that many of its layers (cheaper per query)."""
+    model = _load_encoder(base)
+    if layers is None:
+        return model
+    config: Any = model.config
+    stack: Any = model.encoder.layer if hasattr(model, "encoder") else model.transformer.layer
+    total = len(stack)
+    kept = nn.ModuleList([stack[i] for i in keep_layers(total, layers)])
+    if hasattr(model, "encoder"):
+        model.encoder.layer = kept
+        config.num_hidden_layers = layers
+    else:
+        model.transformer.layer = kept
+        config.n_layers = layers
+    return model
+
+
+def _load_encoder(base: str) -> nn.Module:
     from transformers import AutoModel, DistilBertConfig, DistilBertModel
 
     if base == RANDOM_DISTILBERT:

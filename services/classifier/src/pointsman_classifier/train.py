@@ -49,12 +49,13 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer.json path or hub id; default: the base's
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 6e-5
+    lr: float = 8e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: float = 0.06
     dropout: float = 0.1
     max_length: int = 128
+    layers: int | None = None  # keep this many encoder layers, evenly spaced (None: all)
     seed: int = 13
     threads: int = 2
     max_rows: int | None = None  # cap the training rows (smoke tests)
@@ -170,7 +171,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     w_risk = data.class_weights(rows, "risk")
     log.info("class weights domain %s risk %s", w_domain, w_risk)
 
-    model = TwoHeadClassifier(load_encoder(config.base), dropout=config.dropout)
+    model = TwoHeadClassifier(
+        load_encoder(config.base, layers=config.layers), dropout=config.dropout
+    )
     heads = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     encoder_decay = [
         p for n, p in model.named_parameters() if n.startswith("encoder.") and p.ndim > 1
