@@ -23,7 +23,7 @@ help:
 $(STAMP): pyproject.toml services/classifier/pyproject.toml services/dispatcher/pyproject.toml services/auditor/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' -e 'services/classifier[train,eval]' -e services/dispatcher -e services/auditor
+	$(BIN)/pip install -q -e '.[dev]' -e 'services/classifier[train,eval]' -e 'services/dispatcher[local-llm]' -e services/auditor
 	touch $@
 
 venv: $(STAMP)
