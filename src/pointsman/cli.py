@@ -220,6 +220,41 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    from pointsman.client import Client, ResponseTimeout
+
+    settings = _settings(args)
+    queries = _queries_from(args)
+
+    async def go() -> int:
+        code = 0
+        async with Client(settings) as client:
+            for q in queries:
+                try:
+                    response = await client.ask(q, timeout_s=args.timeout)
+                except ResponseTimeout as exc:
+                    print(str(exc), file=sys.stderr)
+                    code = 1
+                    continue
+                if args.json:
+                    print(response.to_json().decode(), flush=True)
+                    continue
+                route = response.route
+                print(
+                    f"[{response.status}] model={response.model} route={route.reason_code}"
+                    f"{' (fallback)' if route.fallback else ''} cost=${response.cost_usd:.6f}",
+                    file=sys.stderr,
+                )
+                if response.error is not None:
+                    print(f"{response.error.type}: {response.error.message}", flush=True)
+                    code = 1
+                else:
+                    print(response.output or "", flush=True)
+        return code
+
+    return asyncio.run(go())
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from pointsman.client import read_topic
 
@@ -250,6 +285,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------
+
+
+def _query_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="the query (else JSONL or plain lines from --file or stdin)")
+    p.add_argument("--file")
+    p.add_argument("--query-id")
+    p.add_argument("--tenant")
+    p.add_argument("--conversation")
+    p.add_argument("--user")
+    p.add_argument("--max-cost", type=float, help="cost budget in USD")
+    p.add_argument("--max-latency-ms", type=int, help="deadline from now, in milliseconds")
 
 
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
@@ -339,14 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub, "send", cmd_send, "publish queries: --text, or JSONL/plain lines from --file or stdin"
     )
-    p.add_argument("--text")
-    p.add_argument("--file")
-    p.add_argument("--query-id")
-    p.add_argument("--tenant")
-    p.add_argument("--conversation")
-    p.add_argument("--user")
-    p.add_argument("--max-cost", type=float)
-    p.add_argument("--max-latency-ms", type=int)
+    _query_options(p)
+    p = _add(
+        sub,
+        "ask",
+        cmd_ask,
+        "publish queries and wait for their responses (request/reply over Kafka)",
+    )
+    _query_options(p)
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait per query (default 60)"
+    )
+    p.add_argument("--json", action="store_true", help="print the whole response event")
 
     p = _add(sub, "tail", cmd_tail, "print the events of a topic as JSON lines")
     p.add_argument("role", choices=TOPIC_ROLES)
