@@ -73,4 +73,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # Chatty libraries stay at WARNING: aiokafka's DEBUG can show SASL exchanges; httpx and
+    # httpcore log every request (URLs, headers at DEBUG) and would drown the service's own logs.
+    for name in ("aiokafka", "httpx", "httpcore", "hpack"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

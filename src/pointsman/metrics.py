@@ -34,6 +34,12 @@ ABORTED_TRANSACTIONS = Counter(
     "pointsman_aborted_transactions_total", "Transactions aborted and retried.", ["service"]
 )
 
+PAUSED_PARTITIONS = Gauge(
+    "pointsman_paused_partitions",
+    "Partitions paused because the batch in flight is slow (backpressure).",
+    ["service"],
+)
+
 
 def serve(port: int, host: str = "127.0.0.1") -> None:
     start_http_server(port, addr=host)

@@ -91,6 +91,9 @@ class WorkerOptions:
     max_attempts: int = 5
     retry_backoff_s: float = 0.2
     transaction_timeout_ms: int = 15_000
+    # Backpressure: when a batch is still being handled after this long, pause every assigned
+    # partition (no more prefetching into memory) until the batch has committed.
+    pause_after_s: float | None = 0.5
 
 
 class Worker(Generic[E]):
@@ -166,12 +169,22 @@ class Worker(Generic[E]):
                 outputs.append(self._dead_letter(r, result))
             else:
                 decoded.append(Incoming(result, r))
-        outputs += await self._handle(decoded)
-        offsets: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-        await self._commit(outputs, offsets)
+        paused: set[TopicPartition] = set()
+        handling = asyncio.ensure_future(self._handle(decoded))
+        if self.options.pause_after_s is not None:
+            await asyncio.wait({handling}, timeout=self.options.pause_after_s)
+            if not handling.done():
+                paused = self._pause()
+        try:
+            outputs += await handling
+            offsets: dict[TopicPartition, int] = {}
+            for r in records:
+                tp = TopicPartition(r.topic, r.partition)
+                offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+            await self._commit(outputs, offsets)
+        finally:
+            if paused:
+                self._resume(paused)
         metrics.BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         assert self.consumer is not None
         for tp, next_offset in offsets.items():
@@ -180,6 +193,21 @@ class Worker(Generic[E]):
                 metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(
                     max(0, highwater - next_offset)
                 )
+
+    def _pause(self) -> set[TopicPartition]:
+        assert self.consumer is not None
+        partitions: set[TopicPartition] = set(self.consumer.assignment())
+        self.consumer.pause(*partitions)
+        metrics.PAUSED_PARTITIONS.labels(self.service).set(len(partitions))
+        log.debug("partitions paused", extra={"service": self.service, "count": len(partitions)})
+        return partitions
+
+    def _resume(self, paused: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        still_ours = paused & set(self.consumer.assignment())
+        if still_ours:
+            self.consumer.resume(*still_ours)
+        metrics.PAUSED_PARTITIONS.labels(self.service).set(0)
 
     async def _handle(self, decoded: list[Incoming[E]]) -> list[Produce]:
         if not decoded:
