@@ -31,9 +31,10 @@ def keep_layers(total: int, keep: int) -> list[int]:
 def load_encoder(base: str, layers: int | None = None) -> nn.Module:
     """A pretrained encoder (local path or hub id), or a tiny randomly initialised DistilBERT;
     with ``layers``, a shallower copy that keeps that many of its layers (cheaper per query)."""
-    model = _load_encoder(base)
+    loaded = _load_encoder(base)
     if layers is None:
-        return model
+        return loaded
+    model: Any = loaded  # BERT-style (encoder.layer) or DistilBERT (transformer.layer)
     config: Any = model.config
     stack: Any = model.encoder.layer if hasattr(model, "encoder") else model.transformer.layer
     total = len(stack)
@@ -44,7 +45,7 @@ def load_encoder(base: str, layers: int | None = None) -> nn.Module:
     else:
         model.transformer.layer = kept
         config.n_layers = layers
-    return model
+    return loaded
 
 
 def _load_encoder(base: str) -> nn.Module:
