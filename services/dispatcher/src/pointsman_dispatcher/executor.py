@@ -186,6 +186,7 @@ class _Run:
     attempts: list[Attempt] = field(default_factory=list)
     spent_usd: float = 0.0
     delivered: bool = False
+    sent: list[str] = field(default_factory=list)  # the text on_delta received, in order
     deadline_hit: bool = False
     budget_hit: bool = False
 
@@ -199,6 +200,7 @@ class _Run:
 
     def deliver(self, delta: str) -> None:
         self.delivered = True
+        self.sent.append(delta)
         if self.on_delta is not None:
             self.on_delta(delta)
 
@@ -405,7 +407,9 @@ class _Run:
                     "stream_interrupted", message + _safe_message(error, candidate.target)
                 ),
                 cost_usd=total,
-                partial_text=error.partial_text,
+                # What reached the caller: the executor's own timeout cancels the adapter
+                # mid-stream with an error that never saw the text.
+                partial_text="".join(self.sent) or error.partial_text,
             )
         kind: ExecutionErrorType
         if not chain:
