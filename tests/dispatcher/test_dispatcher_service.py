@@ -19,7 +19,7 @@ import pytest
 
 from pointsman.client import Client
 from pointsman.config import Settings
-from pointsman.events import QueryEvent, QueryMetadata, TaggedQueryEvent, Tags
+from pointsman.events import ModelHealthEvent, QueryEvent, QueryMetadata, TaggedQueryEvent, Tags
 from pointsman_dispatcher.fake_provider import FakeProvider
 from tests.kafka_helpers import collect, values
 
@@ -382,3 +382,28 @@ async def test_ask_gets_an_answer_through_classifier_and_dispatcher(
     assert "model=code-gemini" in err.decode()
     assert response.status == "ok" and response.model == "med-anthropic"
     assert response.route.reason_code.startswith("domain.medical")
+
+
+@pytest.mark.kafka
+async def test_model_health_from_the_auditor_demotes_a_down_model(
+    kafka_settings: Settings, fake: FakeProvider, tmp_path: Path
+) -> None:
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(routing_yaml(fake.url))
+    async with Client(kafka_settings) as client:
+        for status in ("healthy", "down"):  # the latest event per model wins
+            event = ModelHealthEvent(
+                model="gen-openai", status=status, window_s=60, requests=100, error_rate=0.9
+            )
+            await client.send_raw(event.to_json(), key=event.partition_key(), role="model_health")
+    proc = start_dispatcher(kafka_settings, routing, "h0")
+    try:
+        await publish_tagged(kafka_settings, [tagged(f"health-{i}", "hi") for i in range(5)])
+        responses = values(await collect(kafka_settings, "responses", 5, timeout_s=60))
+    finally:
+        stop(proc)
+    assert {r["model"] for r in responses} == {"big-openai"}
+    assert all(r["route"]["candidates"] == ["big-openai"] for r in responses), responses[0]
+    assert not any(
+        r.provider == "openai" and r.json["model"] == "gen-openai" for r in fake.requests
+    )

@@ -517,6 +517,7 @@ class HealthWatcher:
         self.settings = settings
         self.dispatcher = dispatcher
         self.latest: dict[str, ModelHealthEvent] = {}
+        self.caught_up = asyncio.Event()  # the topic was read to its end once
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = make_consumer(
@@ -527,8 +528,9 @@ class HealthWatcher:
         )
         await consumer.start()
         try:
+            ends: dict[Any, int] | None = None
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=500)
+                batch = await consumer.getmany(timeout_ms=200)
                 changed = False
                 for records in batch.values():
                     for r in records:
@@ -538,6 +540,12 @@ class HealthWatcher:
                         model: ModelHealth(status=e.status, p99_latency_ms=e.p99_latency_ms)
                         for model, e in self.latest.items()
                     }
+                if not self.caught_up.is_set() and consumer.assignment():
+                    if ends is None:
+                        ends = await consumer.end_offsets(list(consumer.assignment()))
+                    positions = [await consumer.position(tp) for tp in ends]
+                    if all(p >= ends[tp] for p, tp in zip(positions, ends, strict=True)):
+                        self.caught_up.set()
         finally:
             await consumer.stop()
 
@@ -596,7 +604,12 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
         dispatcher.reload_requested = True
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    health = asyncio.create_task(HealthWatcher(settings, dispatcher).run(stop))
+    watcher = HealthWatcher(settings, dispatcher)
+    health = asyncio.create_task(watcher.run(stop))
+    try:  # route with the models' known health from the first query on
+        await asyncio.wait_for(watcher.caught_up.wait(), 15)
+    except TimeoutError:
+        log.warning("model health not read within 15 s; routing without it for now")
     ops = OpsServer(args.ops_host, args.ops_port, ready=worker.ready.is_set)
     await ops.start()
     log.info(
