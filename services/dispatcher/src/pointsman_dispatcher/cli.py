@@ -150,7 +150,10 @@ def route_lines(
     conversation_tiers: dict[tuple[str | None, str], int] = {}
     for number, line in _numbered(lines):
         try:
-            event = TaggedQueryEvent.model_validate(orjson.loads(line))
+            raw = orjson.loads(line)
+            if isinstance(raw, dict):
+                raw.pop("_kafka", None)  # the annotation `pointsman tail` adds
+            event = TaggedQueryEvent.model_validate(raw)
         except orjson.JSONDecodeError as exc:
             stats.bad_lines += 1
             out.write(_error_line(number, "invalid_json", str(exc)))
