@@ -38,7 +38,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -64,7 +63,7 @@ from pointsman_dispatcher.cost import cost_usd
 from pointsman_dispatcher.executor import Budget, Candidate, Execution, execute
 from pointsman_dispatcher.policy import RoutingConfig, RoutingConfigError, load_routing_config
 from pointsman_dispatcher.profiles import CredentialError, provider_target
-from pointsman_dispatcher.providers import make_client, provider_for
+from pointsman_dispatcher.providers import ClientPool, ClientSource, provider_for
 from pointsman_dispatcher.providers.base import ChatMessage, ChatRequest, Provider
 from pointsman_dispatcher.resilience import BreakerBoard, ModelLimits
 from pointsman_dispatcher.routing import (
@@ -564,7 +563,7 @@ class HealthWatcher:
         return True
 
 
-def make_providers(client: httpx.AsyncClient) -> dict[str, Provider]:
+def make_providers(client: ClientSource) -> dict[str, Provider]:
     return {
         name: provider_for(name, client)
         for name in ("openai", "azure_openai", "anthropic", "bedrock", "gemini")
@@ -573,7 +572,7 @@ def make_providers(client: httpx.AsyncClient) -> dict[str, Provider]:
 
 async def serve(settings: Settings, args: argparse.Namespace) -> int:
     routing = RoutingHolder(Path(args.routing) if args.routing else None)
-    client = make_client(max_connections=args.max_in_flight)
+    client = ClientPool(max_idle=args.max_in_flight)
     dispatcher = Dispatcher(
         settings,
         routing,

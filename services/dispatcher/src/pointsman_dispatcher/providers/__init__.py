@@ -22,11 +22,14 @@ from pointsman_dispatcher.providers.base import (
 from pointsman_dispatcher.providers.bedrock import BedrockProvider
 from pointsman_dispatcher.providers.gemini import GeminiProvider
 from pointsman_dispatcher.providers.openai import OpenAIProvider
+from pointsman_dispatcher.providers.pool import ClientPool, ClientSource
 
 __all__ = [
     "ChatMessage",
     "ChatRequest",
     "ChatResult",
+    "ClientPool",
+    "ClientSource",
     "Provider",
     "ProviderError",
     "ProviderTarget",
@@ -60,7 +63,7 @@ def make_client(
     )
 
 
-def provider_for(name: ProviderName | str, client: httpx.AsyncClient) -> Provider:
+def provider_for(name: ProviderName | str, client: ClientSource) -> Provider:
     """The adapter for ``name`` (a ProviderTarget.provider value) over ``client``."""
     if name in ("openai", "azure_openai"):
         return OpenAIProvider(client)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
     ChatResult,
@@ -28,6 +26,7 @@ from pointsman_dispatcher.providers.errors import (
     target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
@@ -194,7 +193,7 @@ class AnthropicStreamDecoder(SseStreamDecoder):
 
 
 class AnthropicProvider:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: ClientSource) -> None:
         self._client = client
 
     async def complete(

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -34,6 +33,7 @@ from pointsman_dispatcher.providers.errors import (
     target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.transport import (
     INVALID_BODY,
     HttpCall,
@@ -240,7 +240,7 @@ class BedrockStreamDecoder:
 
 
 class BedrockProvider:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: ClientSource) -> None:
         self._client = client
 
     async def complete(

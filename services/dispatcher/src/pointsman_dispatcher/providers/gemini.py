@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
     ChatResult,
@@ -30,6 +28,7 @@ from pointsman_dispatcher.providers.errors import (
     target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
@@ -191,7 +190,7 @@ class GeminiStreamDecoder(SseStreamDecoder):
 
 
 class GeminiProvider:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: ClientSource) -> None:
         self._client = client
 
     async def complete(

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import httpx
-
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
     ChatResult,
@@ -28,6 +26,7 @@ from pointsman_dispatcher.providers.errors import (
     target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
@@ -208,7 +207,7 @@ class OpenAIStreamDecoder(SseStreamDecoder):
 class OpenAIProvider:
     """Chat completions over a shared client; ``target.provider`` picks OpenAI or Azure."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: ClientSource) -> None:
         self._client = client
 
     async def complete(

@@ -20,6 +20,7 @@ import orjson
 
 from pointsman_dispatcher.providers.base import ChatResult, DeltaCallback, ProviderError
 from pointsman_dispatcher.providers.errors import scrub
+from pointsman_dispatcher.providers.pool import ClientSource, leased
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def _result(reply: ParsedReply, status: int, started: float, streamed: bool) -> 
 
 
 async def send(
-    client: httpx.AsyncClient,
+    client: ClientSource,
     call: HttpCall,
     *,
     timeout_s: float,
@@ -142,8 +143,8 @@ async def send(
     started = time.perf_counter()
     empty: list[str] = []
     try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.post(
+        async with asyncio.timeout(timeout_s), leased(client) as http:
+            response = await http.post(
                 call.url, content=call.body, headers=call.headers, timeout=timeout_s
             )
     except TimeoutError:
@@ -168,7 +169,7 @@ async def send(
 
 
 async def stream(
-    client: httpx.AsyncClient,
+    client: ClientSource,
     call: HttpCall,
     *,
     timeout_s: float,
@@ -183,9 +184,12 @@ async def stream(
     emitted: list[str] = []
     in_body = False
     try:
-        async with client.stream(
-            "POST", call.url, content=call.body, headers=call.headers, timeout=timeout_s
-        ) as response:
+        async with (
+            leased(client) as http,
+            http.stream(
+                "POST", call.url, content=call.body, headers=call.headers, timeout=timeout_s
+            ) as response,
+        ):
             status = response.status_code
             if not 200 <= status < 300:
                 body = await response.aread()
