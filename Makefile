@@ -9,7 +9,7 @@ KAFKA_PORT ?= 9092
 PYTEST_ARGS ?=
 export POINTSMAN_HOME := $(CURDIR)
 
-.PHONY: help venv asyncapi-specs train eval bench-model bench-classifier services-start services-stop kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
+.PHONY: help venv asyncapi-specs train eval bench-model bench-classifier bench-dispatcher services-start services-stop kafka-fetch kafka-start kafka-stop topics run stop test test-soak lint schemas clean
 
 help:
 	@echo "make run    - set up, start Kafka on 127.0.0.1:$(KAFKA_PORT), create topics, run the demo"
@@ -50,30 +50,45 @@ kafka-stop:
 topics: kafka-start
 	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman topics create
 
-# Services run in the background; pid files and logs in .state/run/.
+# Services run in the background; pid files and logs in .state/run/. The local model server
+# (`pointsman local-llm`, 127.0.0.1:$(LLM_PORT)) is what the embedded demo routing file points at.
+LLM_PORT ?= 8090
+SERVICES := local-llm classifier dispatcher
+define start_service
+	@if [ -f .state/run/$(1).pid ] && kill -0 $$(cat .state/run/$(1).pid) 2>/dev/null; then \
+		echo "$(1) already running"; \
+	else \
+		POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) nohup $(BIN)/pointsman $(2) \
+			> .state/run/$(1).log 2>&1 & echo $$! > .state/run/$(1).pid; \
+		echo "$(1) started (log: .state/run/$(1).log$(3))"; \
+	fi
+endef
+
 services-start: topics
 	@mkdir -p .state/run
-	@if [ -f .state/run/classifier.pid ] && kill -0 $$(cat .state/run/classifier.pid) 2>/dev/null; then \
-		echo "classifier already running"; \
-	else \
-		POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) nohup $(BIN)/pointsman classifier \
-			--instance-id local-0 > .state/run/classifier.log 2>&1 & echo $$! > .state/run/classifier.pid; \
-		echo "classifier started (log: .state/run/classifier.log, ops: http://127.0.0.1:9400/metrics)"; \
-	fi
+	$(call start_service,local-llm,local-llm --port $(LLM_PORT),; http://127.0.0.1:$(LLM_PORT)/v1)
+	$(call start_service,classifier,classifier --instance-id local-0,; ops: http://127.0.0.1:9400/metrics)
+	$(call start_service,dispatcher,dispatcher --instance-id local-0,; ops: http://127.0.0.1:9401/metrics)
+	@for i in $$(seq 1 120); do curl -sf http://127.0.0.1:$(LLM_PORT)/v1/models >/dev/null && break; sleep 0.5; done; \
+		curl -sf http://127.0.0.1:$(LLM_PORT)/v1/models >/dev/null && echo "local-llm ready" || \
+		{ echo "local-llm did not come up: see .state/run/local-llm.log"; exit 1; }
 
 services-stop:
-	@if [ -f .state/run/classifier.pid ]; then \
-		kill -TERM $$(cat .state/run/classifier.pid) 2>/dev/null || true; \
-		while kill -0 $$(cat .state/run/classifier.pid) 2>/dev/null; do sleep 0.2; done; \
-		rm -f .state/run/classifier.pid; echo "classifier stopped"; \
-	fi
+	@for s in $(SERVICES); do \
+		if [ -f .state/run/$$s.pid ]; then \
+			kill -TERM $$(cat .state/run/$$s.pid) 2>/dev/null || true; \
+			while kill -0 $$(cat .state/run/$$s.pid) 2>/dev/null; do sleep 0.2; done; \
+			rm -f .state/run/$$s.pid; echo "$$s stopped"; \
+		fi; \
+	done
 
 run: services-start
 	POINTSMAN_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(BIN)/pointsman demo
 	@echo
 	@echo "Kafka is running on 127.0.0.1:$(KAFKA_PORT). Try:"
-	@echo "  $(BIN)/pointsman send --text 'how do I appeal a parking ticket?'"
-	@echo "  $(BIN)/pointsman tail queries        # or: tagged, responses, dead_letters, audit"
+	@echo "  $(BIN)/pointsman ask --text 'how do I appeal a parking ticket?'"
+	@echo "  $(BIN)/pointsman route --dry-run < tagged.jsonl   # decisions without calling a model"
+	@echo "  $(BIN)/pointsman tail responses      # or: queries, tagged, review, dead_letters"
 	@echo "  make stop                            # stops everything make run started"
 
 stop: services-stop kafka-stop
@@ -99,6 +114,10 @@ bench-model: venv
 # The classifier service on a real broker it starts itself (about 5 minutes).
 bench-classifier: kafka-fetch
 	$(BIN)/python bench/classifier.py
+
+# The dispatcher on a real broker against a zero-latency fake provider.
+bench-dispatcher: kafka-fetch
+	$(BIN)/python bench/dispatcher.py
 
 lint: venv
 	$(BIN)/ruff check src services tests bench
