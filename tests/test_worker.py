@@ -170,3 +170,46 @@ def test_event_record_headers() -> None:
     assert rec.key == b"t/c"
     assert dict(rec.headers)["query_id"] == b"q-9"
     assert dict(rec.headers)["traceparent"] == q.trace.traceparent.encode()
+
+
+async def test_partitions_are_paused_while_a_slow_batch_is_in_flight(
+    kafka_settings: Settings,
+) -> None:
+    from pointsman.worker import WorkerOptions
+
+    seen_paused: list[tuple[int, int]] = []  # (paused, assigned) inside the slow handler
+    holder: list[Worker[QueryEvent]] = []
+
+    async def slow(batch: Sequence[Incoming[QueryEvent]]) -> list[Outcome]:
+        await asyncio.sleep(0.6)  # longer than pause_after_s
+        consumer = holder[0].consumer
+        assert consumer is not None
+        seen_paused.append((len(consumer.paused()), len(consumer.assignment())))
+        return [[event_record(kafka_settings.topics.name("responses"), i.event)] for i in batch]
+
+    worker: Worker[QueryEvent] = Worker(
+        kafka_settings,
+        service="slow",
+        source_topic=kafka_settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=slow,
+        group_id=f"slow-{uuid.uuid4().hex[:6]}",
+        instance_id="0",
+        options=WorkerOptions(pause_after_s=0.2),
+    )
+    holder.append(worker)
+    async with running(worker):
+        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
+        await producer.start()
+        for n in range(3):
+            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
+        await producer.stop()
+        out = values(await collect(kafka_settings, "responses", 3))
+        assert worker.consumer is not None
+        await wait_for(lambda: _resumed(worker), timeout_s=10)
+    assert {o["query_id"] for o in out} == {"good-0", "good-1", "good-2"}
+    assert seen_paused and all(p == a > 0 for p, a in seen_paused), seen_paused
+
+
+async def _resumed(worker: Worker[QueryEvent]) -> bool:
+    return worker.consumer is not None and not worker.consumer.paused()
