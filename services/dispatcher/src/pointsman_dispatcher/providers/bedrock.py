@@ -20,8 +20,6 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
-    ChatResult,
-    DeltaCallback,
     ErrorKind,
     ProviderError,
     ProviderTarget,
@@ -30,19 +28,17 @@ from pointsman_dispatcher.providers.errors import (
     http_error,
     parse_retry_after,
     stream_error,
-    target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
-from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.transport import (
     INVALID_BODY,
     HttpCall,
+    HttpProvider,
     ParsedReply,
+    StreamDecoder,
     int_field,
     json_bytes,
     json_object,
-    send,
-    stream,
 )
 
 PROVIDER = "bedrock"
@@ -239,33 +235,19 @@ class BedrockStreamDecoder:
         )
 
 
-class BedrockProvider:
-    def __init__(self, client: ClientSource) -> None:
-        self._client = client
+class BedrockProvider(HttpProvider):
+    """AWS Bedrock Converse and ConverseStream, SigV4-signed."""
 
-    async def complete(
-        self,
-        target: ProviderTarget,
-        request: ChatRequest,
-        *,
-        on_delta: DeltaCallback | None = None,
-    ) -> ChatResult:
-        call = build_call(target, request)
-        if request.stream:
-            return await stream(
-                self._client,
-                call,
-                timeout_s=target.timeout_s,
-                decoder=BedrockStreamDecoder(),
-                on_delta=on_delta,
-                parse_error=parse_error,
-                secrets=target_secrets(target),
-            )
-        return await send(
-            self._client,
-            call,
-            timeout_s=target.timeout_s,
-            parse_body=parse_body,
-            parse_error=parse_error,
-            secrets=target_secrets(target),
-        )
+    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
+        return build_call(target, request)
+
+    def decoder(self, target: ProviderTarget) -> StreamDecoder:
+        return BedrockStreamDecoder()
+
+    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
+        return parse_body(raw)
+
+    def parse_error(
+        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
+    ) -> ProviderError:
+        return parse_error(status, headers, body)

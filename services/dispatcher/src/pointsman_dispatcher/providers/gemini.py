@@ -14,8 +14,6 @@ from urllib.parse import quote
 
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
-    ChatResult,
-    DeltaCallback,
     ErrorKind,
     ProviderError,
     ProviderTarget,
@@ -25,19 +23,17 @@ from pointsman_dispatcher.providers.errors import (
     parse_duration,
     parse_retry_after,
     stream_error,
-    target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
-from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
+    HttpProvider,
     ParsedReply,
+    StreamDecoder,
     int_field,
     json_bytes,
     json_object,
-    send,
-    stream,
 )
 
 PROVIDER = "gemini"
@@ -189,33 +185,19 @@ class GeminiStreamDecoder(SseStreamDecoder):
         return ParsedReply("".join(self._text), self._finish, prompt, output, self._model)
 
 
-class GeminiProvider:
-    def __init__(self, client: ClientSource) -> None:
-        self._client = client
+class GeminiProvider(HttpProvider):
+    """Google Gemini generateContent and streamGenerateContent (SSE)."""
 
-    async def complete(
-        self,
-        target: ProviderTarget,
-        request: ChatRequest,
-        *,
-        on_delta: DeltaCallback | None = None,
-    ) -> ChatResult:
-        call = build_call(target, request)
-        if request.stream:
-            return await stream(
-                self._client,
-                call,
-                timeout_s=target.timeout_s,
-                decoder=GeminiStreamDecoder(),
-                on_delta=on_delta,
-                parse_error=parse_error,
-                secrets=target_secrets(target),
-            )
-        return await send(
-            self._client,
-            call,
-            timeout_s=target.timeout_s,
-            parse_body=parse_body,
-            parse_error=parse_error,
-            secrets=target_secrets(target),
-        )
+    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
+        return build_call(target, request)
+
+    def decoder(self, target: ProviderTarget) -> StreamDecoder:
+        return GeminiStreamDecoder()
+
+    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
+        return parse_body(raw)
+
+    def parse_error(
+        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
+    ) -> ProviderError:
+        return parse_error(status, headers, body)

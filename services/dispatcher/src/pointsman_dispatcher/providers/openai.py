@@ -13,8 +13,6 @@ from urllib.parse import quote, urlsplit
 
 from pointsman_dispatcher.providers.base import (
     ChatRequest,
-    ChatResult,
-    DeltaCallback,
     ErrorKind,
     ProviderError,
     ProviderTarget,
@@ -23,19 +21,17 @@ from pointsman_dispatcher.providers.errors import (
     http_error,
     parse_retry_after,
     stream_error,
-    target_secrets,
 )
 from pointsman_dispatcher.providers.messages import split_system
-from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
+    HttpProvider,
     ParsedReply,
+    StreamDecoder,
     int_field,
     json_bytes,
     json_object,
-    send,
-    stream,
 )
 
 AZURE_DEFAULT_API_VERSION = "2024-10-21"
@@ -204,40 +200,19 @@ class OpenAIStreamDecoder(SseStreamDecoder):
         )
 
 
-class OpenAIProvider:
-    """Chat completions over a shared client; ``target.provider`` picks OpenAI or Azure."""
+class OpenAIProvider(HttpProvider):
+    """Chat completions; ``target.provider`` picks OpenAI(-compatible) or Azure OpenAI."""
 
-    def __init__(self, client: ClientSource) -> None:
-        self._client = client
+    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
+        return build_call(target, request)
 
-    async def complete(
-        self,
-        target: ProviderTarget,
-        request: ChatRequest,
-        *,
-        on_delta: DeltaCallback | None = None,
-    ) -> ChatResult:
-        call = build_call(target, request)
-        provider = target.provider
+    def decoder(self, target: ProviderTarget) -> StreamDecoder:
+        return OpenAIStreamDecoder(target.provider)
 
-        def errors(status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
-            return parse_error(provider, status, headers, body)
+    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
+        return parse_body(target.provider, raw)
 
-        if request.stream:
-            return await stream(
-                self._client,
-                call,
-                timeout_s=target.timeout_s,
-                decoder=OpenAIStreamDecoder(provider),
-                on_delta=on_delta,
-                parse_error=errors,
-                secrets=target_secrets(target),
-            )
-        return await send(
-            self._client,
-            call,
-            timeout_s=target.timeout_s,
-            parse_body=lambda raw: parse_body(provider, raw),
-            parse_error=errors,
-            secrets=target_secrets(target),
-        )
+    def parse_error(
+        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
+    ) -> ProviderError:
+        return parse_error(target.provider, status, headers, body)

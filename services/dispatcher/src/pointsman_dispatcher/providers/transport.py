@@ -18,8 +18,14 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
-from pointsman_dispatcher.providers.base import ChatResult, DeltaCallback, ProviderError
-from pointsman_dispatcher.providers.errors import scrub
+from pointsman_dispatcher.providers.base import (
+    ChatRequest,
+    ChatResult,
+    DeltaCallback,
+    ProviderError,
+    ProviderTarget,
+)
+from pointsman_dispatcher.providers.errors import scrub, target_secrets
 from pointsman_dispatcher.providers.pool import ClientSource, leased
 
 
@@ -214,3 +220,57 @@ async def stream(
     except httpx.RequestError as exc:
         broken = _transport_error(exc, call.provider, in_body)
         raise _finish(broken, secrets, started, emitted) from exc
+
+
+class HttpProvider:
+    """One provider family over HTTP. Subclasses say how to build the call and how to read its
+    answer, errors and stream; sending, streaming, timeouts and scrubbing live here once."""
+
+    def __init__(self, client: ClientSource) -> None:
+        self._client = client
+
+    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
+        raise NotImplementedError
+
+    def decoder(self, target: ProviderTarget) -> StreamDecoder:
+        raise NotImplementedError
+
+    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
+        raise NotImplementedError
+
+    def parse_error(
+        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
+    ) -> ProviderError:
+        raise NotImplementedError
+
+    async def complete(
+        self,
+        target: ProviderTarget,
+        request: ChatRequest,
+        *,
+        on_delta: DeltaCallback | None = None,
+    ) -> ChatResult:
+        call = self.build_call(target, request)
+        secrets = target_secrets(target)
+
+        def errors(status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
+            return self.parse_error(target, status, headers, body)
+
+        if request.stream:
+            return await stream(
+                self._client,
+                call,
+                timeout_s=target.timeout_s,
+                decoder=self.decoder(target),
+                on_delta=on_delta,
+                parse_error=errors,
+                secrets=secrets,
+            )
+        return await send(
+            self._client,
+            call,
+            timeout_s=target.timeout_s,
+            parse_body=lambda raw: self.parse_body(target, raw),
+            parse_error=errors,
+            secrets=secrets,
+        )
