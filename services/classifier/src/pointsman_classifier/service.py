@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge, Histogram
 
-from pointsman.config import Settings, load_settings
+from pointsman.config import Settings
 from pointsman.events import QueryEvent, TaggedQueryEvent, Tags
-from pointsman.logs import setup_logging
 from pointsman.ops import OpsServer
+from pointsman.replica import add_replica_arguments, run_replica
 from pointsman.worker import Incoming, Outcome, Worker, WorkerOptions, event_record
 from pointsman_classifier.runtime import ClassifierModel, Prediction
 
@@ -161,22 +159,10 @@ def register(sub: Any) -> None:
         "one tagged query per query (Kafka transactions). Replicas share the partitions.",
     )
     p.add_argument("--model", help="artifact folder (default: the packaged model)")
-    p.add_argument(
-        "--instance-id",
-        default=os.environ.get("POINTSMAN_INSTANCE_ID", socket.gethostname()),
-        help="stable per replica (its transactional id); default $POINTSMAN_INSTANCE_ID "
-        "or the host name",
-    )
-    p.add_argument("--group", default=GROUP_ID, help=f"consumer group (default {GROUP_ID})")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    p.add_argument("--max-batch", type=int, default=256, help="records per batch")
-    p.add_argument("--max-wait-ms", type=int, default=20, help="poll wait for a batch")
-    p.add_argument("--ops-host", default="127.0.0.1")
-    p.add_argument("--ops-port", type=int, default=9400, help="/healthz /readyz /metrics (0: any)")
+    add_replica_arguments(p, group_id=GROUP_ID, ops_port=9400)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    setup_logging(settings.logging.level, settings.logging.format)
-    return asyncio.run(serve(settings, args))
+    return run_replica(args, serve)

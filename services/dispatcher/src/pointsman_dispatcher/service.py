@@ -42,7 +42,7 @@ import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 from pointsman import metrics
-from pointsman.config import Settings, load_settings
+from pointsman.config import Settings
 from pointsman.deadletter import Rejected, dead_letter_for
 from pointsman.events import (
     Attempt,
@@ -56,8 +56,8 @@ from pointsman.events import (
     Usage,
 )
 from pointsman.kafka import make_consumer
-from pointsman.logs import setup_logging
 from pointsman.ops import OpsServer
+from pointsman.replica import add_replica_arguments, run_replica
 from pointsman.worker import Incoming, Outcome, Produce, Worker, WorkerOptions, event_record
 from pointsman_dispatcher.cost import cost_usd
 from pointsman_dispatcher.executor import Budget, Candidate, Execution, execute
@@ -645,15 +645,6 @@ def register(sub: Any) -> None:
         "embedded demo file. Reloaded between batches when it changes, and on SIGHUP",
     )
     p.add_argument(
-        "--instance-id",
-        default=os.environ.get("POINTSMAN_INSTANCE_ID", socket.gethostname()),
-        help="stable per replica (its transactional id); default $POINTSMAN_INSTANCE_ID "
-        "or the host name",
-    )
-    p.add_argument("--group", default=GROUP_ID, help=f"consumer group (default {GROUP_ID})")
-    p.add_argument("--max-batch", type=int, default=256, help="records per batch")
-    p.add_argument("--max-wait-ms", type=int, default=20, help="poll wait for a batch")
-    p.add_argument(
         "--max-in-flight", type=int, default=256, help="provider requests in flight, all models"
     )
     p.add_argument(
@@ -662,16 +653,13 @@ def register(sub: Any) -> None:
         default=DEFAULT_DEADLINE_S,
         help="deadline for queries that set none",
     )
-    p.add_argument("--ops-host", default="127.0.0.1")
-    p.add_argument("--ops-port", type=int, default=9401, help="/healthz /readyz /metrics (0: any)")
+    add_replica_arguments(p, group_id=GROUP_ID, ops_port=9401)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    setup_logging(settings.logging.level, settings.logging.format)
     try:
-        return asyncio.run(serve(settings, args))
+        return run_replica(args, serve)
     except RoutingConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
