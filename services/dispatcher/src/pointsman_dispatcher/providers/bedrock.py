@@ -30,12 +30,13 @@ from pointsman_dispatcher.providers.errors import (
     stream_error,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.transport import (
     INVALID_BODY,
     HttpCall,
     HttpProvider,
     ParsedReply,
-    StreamDecoder,
+    Wire,
     int_field,
     json_bytes,
     json_object,
@@ -235,19 +236,16 @@ class BedrockStreamDecoder:
         )
 
 
+WIRE = Wire(
+    build_call=build_call,
+    decoder=lambda _target: BedrockStreamDecoder(),
+    parse_body=lambda _target, raw: parse_body(raw),
+    parse_error=lambda _target, status, headers, body: parse_error(status, headers, body),
+)
+
+
 class BedrockProvider(HttpProvider):
     """AWS Bedrock Converse and ConverseStream, SigV4-signed."""
 
-    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
-        return build_call(target, request)
-
-    def decoder(self, target: ProviderTarget) -> StreamDecoder:
-        return BedrockStreamDecoder()
-
-    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
-        return parse_body(raw)
-
-    def parse_error(
-        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
-    ) -> ProviderError:
-        return parse_error(status, headers, body)
+    def __init__(self, client: ClientSource) -> None:
+        super().__init__(client, WIRE)

@@ -25,12 +25,13 @@ from pointsman_dispatcher.providers.errors import (
     stream_error,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
     HttpProvider,
     ParsedReply,
-    StreamDecoder,
+    Wire,
     int_field,
     json_bytes,
     json_object,
@@ -185,19 +186,16 @@ class GeminiStreamDecoder(SseStreamDecoder):
         return ParsedReply("".join(self._text), self._finish, prompt, output, self._model)
 
 
+WIRE = Wire(
+    build_call=build_call,
+    decoder=lambda _target: GeminiStreamDecoder(),
+    parse_body=lambda _target, raw: parse_body(raw),
+    parse_error=lambda _target, status, headers, body: parse_error(status, headers, body),
+)
+
+
 class GeminiProvider(HttpProvider):
     """Google Gemini generateContent and streamGenerateContent (SSE)."""
 
-    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
-        return build_call(target, request)
-
-    def decoder(self, target: ProviderTarget) -> StreamDecoder:
-        return GeminiStreamDecoder()
-
-    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
-        return parse_body(raw)
-
-    def parse_error(
-        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
-    ) -> ProviderError:
-        return parse_error(status, headers, body)
+    def __init__(self, client: ClientSource) -> None:
+        super().__init__(client, WIRE)

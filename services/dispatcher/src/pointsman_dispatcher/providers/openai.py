@@ -23,12 +23,13 @@ from pointsman_dispatcher.providers.errors import (
     stream_error,
 )
 from pointsman_dispatcher.providers.messages import split_system
+from pointsman_dispatcher.providers.pool import ClientSource
 from pointsman_dispatcher.providers.sse import SseEvent, SseStreamDecoder
 from pointsman_dispatcher.providers.transport import (
     HttpCall,
     HttpProvider,
     ParsedReply,
-    StreamDecoder,
+    Wire,
     int_field,
     json_bytes,
     json_object,
@@ -200,19 +201,18 @@ class OpenAIStreamDecoder(SseStreamDecoder):
         )
 
 
+WIRE = Wire(
+    build_call=build_call,
+    decoder=lambda target: OpenAIStreamDecoder(target.provider),
+    parse_body=lambda target, raw: parse_body(target.provider, raw),
+    parse_error=lambda target, status, headers, body: parse_error(
+        target.provider, status, headers, body
+    ),
+)
+
+
 class OpenAIProvider(HttpProvider):
     """Chat completions; ``target.provider`` picks OpenAI(-compatible) or Azure OpenAI."""
 
-    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
-        return build_call(target, request)
-
-    def decoder(self, target: ProviderTarget) -> StreamDecoder:
-        return OpenAIStreamDecoder(target.provider)
-
-    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
-        return parse_body(target.provider, raw)
-
-    def parse_error(
-        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
-    ) -> ProviderError:
-        return parse_error(target.provider, status, headers, body)
+    def __init__(self, client: ClientSource) -> None:
+        super().__init__(client, WIRE)

@@ -222,26 +222,23 @@ async def stream(
         raise _finish(broken, secrets, started, emitted) from exc
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How one provider family's API is spoken: its call, its answer, its errors, its stream."""
+
+    build_call: Callable[[ProviderTarget, ChatRequest], HttpCall]
+    decoder: Callable[[ProviderTarget], StreamDecoder]
+    parse_body: Callable[[ProviderTarget, bytes], ParsedReply]
+    parse_error: Callable[[ProviderTarget, int, Mapping[str, str], bytes], ProviderError]
+
+
 class HttpProvider:
-    """One provider family over HTTP. Subclasses say how to build the call and how to read its
-    answer, errors and stream; sending, streaming, timeouts and scrubbing live here once."""
+    """One provider family over HTTP: sending, streaming, timeouts and scrubbing live here once;
+    the family's :class:`Wire` says what goes over it."""
 
-    def __init__(self, client: ClientSource) -> None:
+    def __init__(self, client: ClientSource, wire: Wire) -> None:
         self._client = client
-
-    def build_call(self, target: ProviderTarget, request: ChatRequest) -> HttpCall:
-        raise NotImplementedError
-
-    def decoder(self, target: ProviderTarget) -> StreamDecoder:
-        raise NotImplementedError
-
-    def parse_body(self, target: ProviderTarget, raw: bytes) -> ParsedReply:
-        raise NotImplementedError
-
-    def parse_error(
-        self, target: ProviderTarget, status: int, headers: Mapping[str, str], body: bytes
-    ) -> ProviderError:
-        raise NotImplementedError
+        self._wire = wire
 
     async def complete(
         self,
@@ -250,18 +247,19 @@ class HttpProvider:
         *,
         on_delta: DeltaCallback | None = None,
     ) -> ChatResult:
-        call = self.build_call(target, request)
+        wire = self._wire
+        call = wire.build_call(target, request)
         secrets = target_secrets(target)
 
         def errors(status: int, headers: Mapping[str, str], body: bytes) -> ProviderError:
-            return self.parse_error(target, status, headers, body)
+            return wire.parse_error(target, status, headers, body)
 
         if request.stream:
             return await stream(
                 self._client,
                 call,
                 timeout_s=target.timeout_s,
-                decoder=self.decoder(target),
+                decoder=wire.decoder(target),
                 on_delta=on_delta,
                 parse_error=errors,
                 secrets=secrets,
@@ -270,7 +268,7 @@ class HttpProvider:
             self._client,
             call,
             timeout_s=target.timeout_s,
-            parse_body=lambda raw: self.parse_body(target, raw),
+            parse_body=lambda raw: wire.parse_body(target, raw),
             parse_error=errors,
             secrets=secrets,
         )
