@@ -20,12 +20,10 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +31,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from harness import fresh_settings, service_env, stop_all  # noqa: E402
+
 from pointsman.broker import Cluster, fetch_jars  # noqa: E402
 from pointsman.client import Client  # noqa: E402
-from pointsman.config import Settings, load_settings  # noqa: E402
+from pointsman.config import Settings  # noqa: E402
 from pointsman.events import QueryEvent  # noqa: E402
-from pointsman.kafka import make_admin, make_consumer  # noqa: E402
-from pointsman.topics import provision, topic_specs  # noqa: E402
+from pointsman.kafka import make_consumer  # noqa: E402
 from pointsman_classifier import data  # noqa: E402
 from pointsman_classifier.runtime import ClassifierModel  # noqa: E402
 
@@ -59,22 +58,6 @@ def raw_throughput(texts: list[str], threads: int, batch: int = 256) -> float:
     for i in range(0, len(texts), batch):
         model.predict(texts[i : i + batch])
     return len(texts) / (time.perf_counter() - start)
-
-
-async def fresh_settings(bootstrap: str) -> Settings:
-    settings = load_settings(
-        environ={
-            "POINTSMAN_BOOTSTRAP_SERVERS": bootstrap,
-            "POINTSMAN_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}.",
-        }
-    )
-    admin = make_admin(settings.kafka)
-    await admin.start()
-    try:
-        await provision(admin, topic_specs(settings))
-    finally:
-        await admin.close()
-    return settings
 
 
 async def publish(
@@ -99,12 +82,7 @@ async def publish(
 def start_replicas(
     settings: Settings, replicas: int, threads: int
 ) -> list[subprocess.Popen[bytes]]:
-    env = {
-        **os.environ,
-        "POINTSMAN_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "POINTSMAN_TOPIC_PREFIX": settings.topics.prefix,
-        "POINTSMAN_LOG_LEVEL": "WARNING",
-    }
+    env = service_env(settings)
     return [
         subprocess.Popen(
             [
@@ -136,17 +114,6 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 async def consume_tagged(

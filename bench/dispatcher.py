@@ -45,7 +45,6 @@ import platform
 import pstats
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,8 @@ from aiokafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from harness import fresh_settings, service_env, stop_all  # noqa: E402
+
 from pointsman.broker import Cluster, fetch_jars  # noqa: E402
 from pointsman.config import Settings, load_settings  # noqa: E402
 from pointsman.deadletter import Limits, Rejected, decode  # noqa: E402
@@ -77,7 +78,6 @@ from pointsman.events import (  # noqa: E402
     Tags,
 )
 from pointsman.kafka import make_admin, make_consumer, make_producer  # noqa: E402
-from pointsman.topics import provision, topic_specs  # noqa: E402
 from pointsman.worker import Incoming  # noqa: E402
 from pointsman_dispatcher.fake_provider import serve as serve_fake  # noqa: E402
 from pointsman_dispatcher.policy import RoutingConfig, load_routing_config  # noqa: E402
@@ -439,13 +439,7 @@ def start_replicas(
     extra_args: Sequence[str],
     what_if: str | None = None,
 ) -> list[subprocess.Popen[bytes]]:
-    env = {
-        **os.environ,
-        **credential_env(),
-        "POINTSMAN_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "POINTSMAN_TOPIC_PREFIX": settings.topics.prefix,
-        "POINTSMAN_LOG_LEVEL": "WARNING",
-    }
+    env = service_env(settings, **credential_env())
     procs = []
     for i in range(replicas):
         with (log_dir / f"{group}-{i}.log").open("wb") as log:
@@ -501,33 +495,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-
-
 # --------------------------------------------------------------------------- Kafka
-async def fresh_settings(bootstrap: str) -> Settings:
-    settings = load_settings(
-        environ={
-            "POINTSMAN_BOOTSTRAP_SERVERS": bootstrap,
-            "POINTSMAN_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}.",
-        }
-    )
-    admin = make_admin(settings.kafka)
-    await admin.start()
-    try:
-        await provision(admin, topic_specs(settings))
-    finally:
-        await admin.close()
-    return settings
 
 
 async def wait_group_stable(

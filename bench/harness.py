@@ -1,0 +1,55 @@
+"""What the service benchmarks share: a fresh topic prefix on a broker, the environment a
+service process gets, and stopping processes cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Sequence
+
+from pointsman.config import Settings, load_settings
+from pointsman.kafka import make_admin
+from pointsman.topics import provision, topic_specs
+
+
+async def fresh_settings(bootstrap: str) -> Settings:
+    """Settings with a new topic prefix, its topics provisioned (runs never see each other)."""
+    settings = load_settings(
+        environ={
+            "POINTSMAN_BOOTSTRAP_SERVERS": bootstrap,
+            "POINTSMAN_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}.",
+        }
+    )
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        await provision(admin, topic_specs(settings))
+    finally:
+        await admin.close()
+    return settings
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a service process pointed at ``settings``' broker and topics."""
+    return {
+        **os.environ,
+        **extra,
+        "POINTSMAN_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "POINTSMAN_TOPIC_PREFIX": settings.topics.prefix,
+        "POINTSMAN_LOG_LEVEL": "WARNING",
+    }
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait (and kill what does not stop within 30 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
