@@ -147,6 +147,17 @@ def test_route_dry_run_decides_each_line_and_reports_bad_ones(
     assert "3 decisions (1 refused), 2 bad lines" in err
 
 
+def test_route_reads_what_pointsman_tail_prints(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pointsman tail tagged | pointsman route --dry-run`: tail adds a `_kafka` annotation."""
+    line = json.loads(tagged_line("q1"))
+    line["_kafka"] = {"partition": 3, "offset": 17}
+    code, out, _ = run_cli(["route", "--dry-run"], capsys, monkeypatch, json.dumps(line) + "\n")
+    [row] = records(out)
+    assert code == 0 and row["query_id"] == "q1" and row["action"] == "route"
+
+
 def test_route_keeps_a_conversation_on_its_tier(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
