@@ -14,19 +14,17 @@ provider's wire format, no delay), then:
    tagged queries in one producer transaction (so they all become visible at once), and time
    from the first response to the K-th (req/s; start-up, group join and HTTP connection set-up
    excluded); peak RSS and CPU seconds per replica;
-3. "what-if" runs, reported apart from the service's figures: the same replicas with a
-   proposal patched in at start-up (``lend``: one one-connection httpx client per call from a
-   free list; ``+sniffio``: `import sniffio` succeeds), see run_patched_dispatcher;
-4. latency from publish to response (read_committed) at steady rates below capacity, best
+3. latency from publish to response (read_committed) at steady rates below capacity, best
    configuration of the service.
 The broker, the fake provider, the replicas and this process share the host's cores, so the
 figures are for the whole pipeline on one machine, not for the dispatcher alone.
 Prints the figures and writes bench/results/dispatcher.json.
 
 ``--profile`` runs the dispatcher's handler in this process (no Kafka: decode, route, call the
-fake, build the response records), reports its req/s for several httpx pool settings and the
-functions where cProfile sees the time. POINTSMAN_BENCH_CPROFILE=<dir> runs the replicas of a
-full run under cProfile (one .prof per replica, written when it stops).
+fake, build the response records) with the service's own providers and client pool, reports its
+req/s for several batch and in-flight settings and the functions where cProfile sees the time.
+POINTSMAN_BENCH_CPROFILE=<dir> runs the replicas of a full run under cProfile (one .prof per
+replica, written when it stops).
 """
 
 from __future__ import annotations
@@ -51,11 +49,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -81,8 +79,7 @@ from pointsman.kafka import make_admin, make_consumer, make_producer  # noqa: E4
 from pointsman.worker import Incoming  # noqa: E402
 from pointsman_dispatcher.fake_provider import serve as serve_fake  # noqa: E402
 from pointsman_dispatcher.policy import RoutingConfig, load_routing_config  # noqa: E402
-from pointsman_dispatcher.providers import make_client  # noqa: E402
-from pointsman_dispatcher.providers.base import ChatResult, Provider, ProviderTarget  # noqa: E402
+from pointsman_dispatcher.providers import ClientPool  # noqa: E402
 from pointsman_dispatcher.routing import (  # noqa: E402
     ModelHealth,
     RouteInput,
@@ -437,7 +434,6 @@ def start_replicas(
     group: str,
     log_dir: Path,
     extra_args: Sequence[str],
-    what_if: str | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     env = service_env(settings, **credential_env())
     procs = []
@@ -448,11 +444,8 @@ def start_replicas(
                     [
                         sys.executable,
                         *_cprofile_args(f"{group}-{i}"),
-                        *(
-                            [str(Path(__file__).resolve()), "--what-if", what_if]
-                            if what_if
-                            else ["-m", "pointsman"]
-                        ),
+                        "-m",
+                        "pointsman",
                         "dispatcher",
                         "--routing",
                         str(routing),
@@ -614,12 +607,11 @@ async def running(
     replicas: int,
     log_dir: Path,
     extra_args: Sequence[str],
-    what_if: str | None = None,
 ) -> Any:
     """Fresh topics, ``replicas`` dispatchers in a stable group, warmed up (connections open)."""
     settings = await fresh_settings(bootstrap)
     group = f"bench-dispatcher-{settings.topics.prefix.rstrip('.')}"
-    procs = start_replicas(settings, routing, replicas, group, log_dir, extra_args, what_if)
+    procs = start_replicas(settings, routing, replicas, group, log_dir, extra_args)
     try:
         async with ResponseReader(settings) as reader:
             await wait_group_stable(settings, group, replicas, procs)
@@ -656,9 +648,8 @@ async def run_config(
     log_dir: Path,
     extra_args: Sequence[str],
     fake_pid: int,
-    what_if: str | None = None,
 ) -> dict[str, Any]:
-    async with running(bootstrap, routing, replicas, log_dir, extra_args, what_if) as run:
+    async with running(bootstrap, routing, replicas, log_dir, extra_args) as run:
         cpu_before = [cpu_seconds(p.pid) for p in run.procs]
         fake_before = cpu_seconds(fake_pid)
         await publish(run.settings, queries, transactional=True)
@@ -677,7 +668,6 @@ async def run_config(
         "name": name,
         "replicas": replicas,
         "dispatcher_args": list(extra_args),
-        "what_if": what_if,
         "providers": "mixed" if "mixed" in routing.name else "openai",
         "queries": len(queries),
         "req_per_s": round(after_first / seconds, 1),
@@ -789,23 +779,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             )
             print(f"{name}: {runs[-1]['req_per_s']} req/s", flush=True)
         best = max(runs, key=lambda r: r["req_per_s"])
-        what_if_runs = []
-        for what_if in args.what_if_runs:
-            name = f"what-if {what_if} x{best['replicas']}"
-            what_if_runs.append(
-                await run_config(
-                    bootstrap,
-                    openai_routing,
-                    queries,
-                    best["replicas"],
-                    name,
-                    work,
-                    best["dispatcher_args"],
-                    fake.pid,
-                    what_if,
-                )
-            )
-            print(f"{name}: {what_if_runs[-1]['req_per_s']} req/s", flush=True)
         lat_queries = workload(args.latency_queries, "l", seed=5)
         best_routing = mixed_routing if best["providers"] == "mixed" else openai_routing
         lats = [
@@ -844,7 +817,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb_per_replica": best["peak_rss_mb_per_replica"],
         "decision": decision,
         "runs": runs,
-        "what_if_runs": what_if_runs,
         "latency": lats,
         "workload": {
             "queries": args.queries,
@@ -862,35 +834,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- profile
-class RoundRobin:
-    """A provider that spreads calls over several adapters (one httpx client each)."""
-
-    def __init__(self, adapters: Sequence[Provider]) -> None:
-        self._next = itertools.cycle(adapters)
-
-    async def complete(self, target: ProviderTarget, request: Any, **kw: Any) -> ChatResult:
-        adapter: Provider = next(self._next)
-        return await adapter.complete(target, request, **kw)
-
-
-class CheckOut:
-    """A provider that lends each call a connection slot of an adapter (a free list holding
-    each adapter ``slots`` times), so no call ever waits inside an httpx pool."""
-
-    def __init__(self, adapters: Sequence[Provider], slots: int) -> None:
-        self._free: asyncio.LifoQueue[Provider] = asyncio.LifoQueue()
-        for _ in range(slots):
-            for a in adapters:
-                self._free.put_nowait(a)
-
-    async def complete(self, target: ProviderTarget, request: Any, **kw: Any) -> ChatResult:
-        adapter = await self._free.get()
-        try:
-            return await adapter.complete(target, request, **kw)
-        finally:
-            self._free.put_nowait(adapter)
-
-
 def _records(events: Sequence[TaggedQueryEvent]) -> list[Any]:
     return [
         SimpleNamespace(
@@ -908,103 +851,19 @@ def _records(events: Sequence[TaggedQueryEvent]) -> list[Any]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One setting of the in-process handler: records per batch, the dispatcher's global
-    in-flight cap, httpx pool size and keep-alive pool per client, number of clients."""
+    """One setting of the in-process handler: records per batch and the global in-flight cap."""
 
     name: str
     batch: int = 256
     in_flight: int = 256
-    pool: int = 256
-    keepalive: int = 100  # make_client's default, what `pointsman dispatcher` runs with today
-    clients: int = 1
-    http2: bool = True
-    sniffio_stub: bool = False  # what `import sniffio` succeeding would save (see notes)
-    checkout: bool = False  # clients lent one call at a time (a free list), not round-robin
 
 
 VARIANTS = (
-    Variant("service defaults (batch 256, in-flight 256, pool 256, keep-alive 100)"),
-    Variant("keep-alive = pool (256)", keepalive=256),
-    Variant("HTTP/1.1 only client", http2=False),
-    Variant("pool 64 (requests queue in httpx)", pool=64, keepalive=64),
-    Variant("in-flight 64, pool 64", in_flight=64, pool=64, keepalive=64),
-    Variant("batch 64, in-flight 64, pool 64", batch=64, in_flight=64, pool=64, keepalive=64),
-    Variant(
-        "batch 1024, in-flight 1024, pool 1024",
-        batch=1024,
-        in_flight=1024,
-        pool=1024,
-        keepalive=1024,
-    ),
-    Variant("4 clients x pool 64", clients=4, pool=64, keepalive=64),
-    Variant("8 clients x pool 32", clients=8, pool=32, keepalive=32),
-    Variant("16 clients x pool 16", clients=16, pool=16, keepalive=16),
-    Variant("64 clients x pool 4", clients=64, pool=4, keepalive=4),
-    Variant(
-        "256 clients x 1 connection, lent per call", clients=256, pool=1, keepalive=1, checkout=True
-    ),
-    Variant(
-        "16 clients x 16 connections, lent per call",
-        clients=16,
-        pool=16,
-        keepalive=16,
-        checkout=True,
-    ),
-    Variant(
-        "64 clients x 4 connections, lent per call", clients=64, pool=4, keepalive=4, checkout=True
-    ),
-    Variant(
-        "16 clients x 16 connections, lent per call + sniffio importable",
-        clients=16,
-        pool=16,
-        keepalive=16,
-        checkout=True,
-        sniffio_stub=True,
-    ),
-    Variant(
-        "16 clients x pool 16 + sniffio importable",
-        clients=16,
-        pool=16,
-        keepalive=16,
-        sniffio_stub=True,
-    ),
+    Variant("service defaults (batch 256, in-flight 256)"),
+    Variant("in-flight 64", in_flight=64),
+    Variant("batch 64, in-flight 64", batch=64, in_flight=64),
+    Variant("batch 1024, in-flight 1024", batch=1024, in_flight=1024),
 )
-
-
-LENT_CLIENTS = 256
-
-
-def run_patched_dispatcher(what_if: str, argv: Sequence[str]) -> int:
-    """`pointsman dispatcher` with a proposal applied in this process only (not in the
-    service): ``lend`` gives each provider call its own one-connection httpx client from a
-    free list of LENT_CLIENTS; ``lend+sniffio`` also makes `import sniffio` succeed."""
-    from pointsman.cli import main as pointsman_main
-    from pointsman_dispatcher import service
-
-    if "sniffio" in what_if:
-        install_sniffio_stub()
-    if what_if.startswith("lend"):
-        plain = service.make_providers
-
-        def lent(client: Any) -> dict[str, Provider]:
-            http = [
-                make_client(max_connections=1, max_keepalive_connections=1)
-                for _ in range(LENT_CLIENTS)
-            ]
-            adapters = [plain(c) for c in http]
-            return {name: CheckOut([a[name] for a in adapters], 1) for name in adapters[0]}
-
-        service.make_providers = lent
-    return pointsman_main(list(argv))
-
-
-def install_sniffio_stub() -> None:
-    """httpcore runs ``import sniffio`` each time it sets up a lock; without sniffio installed
-    that is a failed import (a sys.path scan) every time. This stub, for measurement only,
-    answers as sniffio would under asyncio."""
-    module = ModuleType("sniffio")
-    module.current_async_library = lambda: "asyncio"  # type: ignore[attr-defined]
-    sys.modules["sniffio"] = module
 
 
 async def handler_throughput(
@@ -1013,25 +872,15 @@ async def handler_throughput(
     v: Variant,
     profiler: cProfile.Profile | None = None,
 ) -> float:
-    """req/s of decode + Dispatcher handler + response serialisation, in this process."""
-    if v.sniffio_stub:
-        install_sniffio_stub()
+    """req/s of decode + Dispatcher handler + response serialisation, in this process, with the
+    providers and lent-client pool `pointsman dispatcher` runs with."""
     settings = load_settings(environ={"POINTSMAN_TOPIC_PREFIX": "p."})
     limits = Limits(settings.limits.max_message_bytes, settings.limits.max_text_chars)
-    http = [
-        make_client(http2=v.http2, max_connections=v.pool, max_keepalive_connections=v.keepalive)
-        for _ in range(v.clients)
-    ]
-    adapters = [make_providers(c) for c in http]
-    providers: Mapping[str, Provider] = adapters[0]
-    if v.checkout:
-        providers = {name: CheckOut([a[name] for a in adapters], v.pool) for name in adapters[0]}
-    elif v.clients > 1:
-        providers = {name: RoundRobin([a[name] for a in adapters]) for name in adapters[0]}
+    pool = ClientPool(max_idle=v.in_flight)
     dispatcher = Dispatcher(
         settings,
         RoutingHolder(routing),
-        providers,
+        make_providers(pool),
         global_max_in_flight=v.in_flight,
         environ=credential_env(),
     )
@@ -1056,8 +905,7 @@ async def handler_throughput(
         if profiler is not None:
             profiler.disable()
     finally:
-        for c in http:
-            await c.aclose()
+        await pool.aclose()
     return len(records) / elapsed
 
 
@@ -1071,7 +919,7 @@ async def profile_async(args: argparse.Namespace) -> dict[str, Any]:
         results = []
         profiler = cProfile.Profile()
         await handler_throughput(routing, records, VARIANTS[args.profile_variant], profiler)
-        for v in sorted(chosen, key=lambda v: v.sniffio_stub):  # the stub cannot be undone
+        for v in chosen:
             fake_before = cpu_seconds(fake.pid)
             rate = await handler_throughput(routing, records, v)
             fake_ms = (cpu_seconds(fake.pid) - fake_before) * 1000 / len(records)
@@ -1096,8 +944,6 @@ async def profile_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--what-if":  # a replica with a proposal applied
-        return run_patched_dispatcher(sys.argv[2], sys.argv[3:])
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--queries", type=int, default=20000)
     parser.add_argument("--decision-queries", type=int, default=20000)
@@ -1109,13 +955,6 @@ def main() -> int:
         help="steady publish rates for the latency phase; the first is reported as "
         "e2e_p50_ms/e2e_p99_ms (pick one below capacity; default: 200/s and half the best "
         "configuration's req/s)",
-    )
-    parser.add_argument(
-        "--what-if-runs",
-        nargs="*",
-        default=[],
-        choices=["lend", "lend+sniffio", "sniffio"],
-        help="extra runs with a proposal patched into the replicas (reported apart)",
     )
     parser.add_argument(
         "--dispatcher-args",

@@ -189,6 +189,10 @@ class _Run:
     sent: list[str] = field(default_factory=list)  # the text on_delta received, in order
     deadline_hit: bool = False
     budget_hit: bool = False
+    input_tokens: int = field(init=False)  # the prompt's estimate, once per execution
+
+    def __post_init__(self) -> None:
+        self.input_tokens = estimate_input_tokens(self.request)
 
     def time_left(self) -> float:
         return self.budget.deadline - self.clock()
@@ -256,7 +260,7 @@ class _Run:
             self.deadline_hit = True
             self.skip(candidate, "skipped", "deadline passed before this candidate could run")
             return _Left("deadline")
-        expected = expected_cost_usd(candidate, self.request)
+        expected = attempt_cost_usd(candidate, self.input_tokens, self.request.max_tokens)
         remaining = self.remaining_usd()
         if remaining is not None and expected > remaining:
             self.budget_hit = True
@@ -358,7 +362,7 @@ class _Run:
         breaker.record(error.kind)
         rate = self.board.rate(candidate.model)
         # Nothing was generated: give back the output part of the token estimate.
-        rate.settle(self._estimated_tokens(), estimate_input_tokens(self.request))
+        rate.settle(self._estimated_tokens(), self.input_tokens)
         if error.kind == "rate_limited" and error.retry_after_s:
             rate.block_for(error.retry_after_s)
         self.attempts.append(
@@ -374,7 +378,7 @@ class _Run:
         )
 
     def _estimated_tokens(self) -> int:
-        return estimate_input_tokens(self.request) + self.request.max_tokens
+        return self.input_tokens + self.request.max_tokens
 
     def finish(
         self,

@@ -331,10 +331,10 @@ def route_input_from_event(
         multi_turn = False
     deadlines = []
     if metadata.deadline is not None:
-        deadlines.append(_aware(metadata.deadline))
+        deadlines.append(as_utc(metadata.deadline))
     if metadata.max_latency_ms is not None:
-        deadlines.append(_aware(query.created_at) + timedelta(milliseconds=metadata.max_latency_ms))
-    now = _aware(now)
+        deadlines.append(as_utc(query.created_at) + timedelta(milliseconds=metadata.max_latency_ms))
+    now = as_utc(now)
     remaining_ms = min((d - now).total_seconds() * 1000 for d in deadlines) if deadlines else None
     allowed = metadata.allowed_models
     return RouteInput(
@@ -367,6 +367,6 @@ def health_map(events: Iterable[ModelHealthEvent]) -> dict[str, ModelHealth]:
     }
 
 
-def _aware(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     """Naive datetimes in events are taken as UTC."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

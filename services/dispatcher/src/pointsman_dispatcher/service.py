@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
 import signal
@@ -65,12 +67,14 @@ from pointsman_dispatcher.policy import RoutingConfig, RoutingConfigError, load_
 from pointsman_dispatcher.profiles import CredentialError, provider_target
 from pointsman_dispatcher.providers import ClientPool, ClientSource, provider_for
 from pointsman_dispatcher.providers.base import ChatMessage, ChatRequest, Provider
-from pointsman_dispatcher.resilience import BreakerBoard, ModelLimits
+from pointsman_dispatcher.resilience import BREAKER_STATE_CODES, BreakerBoard, ModelLimits
 from pointsman_dispatcher.routing import (
     Decision,
     ModelHealth,
     RouteInput,
+    as_utc,
     decide,
+    health_map,
     route_input_from_event,
 )
 
@@ -123,8 +127,6 @@ ROUTING_RELOADS = Counter(
 
 
 def _digest(text: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(text).hexdigest()[:12]
 
 
@@ -260,7 +262,6 @@ class Dispatcher:
     ) -> Dispatched:
         started = time.perf_counter()
         conversation = event.query.conversation_id
-        t0 = time.perf_counter()
         inp = route_input_from_event(
             event,
             now=datetime.now(UTC),
@@ -268,7 +269,7 @@ class Dispatcher:
             health=self.health,
         )
         decision = decide(inp, config)
-        DECISION_SECONDS.observe(time.perf_counter() - t0)
+        DECISION_SECONDS.observe(time.perf_counter() - started)
         review = self._review(event, decision)
         if decision.action == "refuse":
             dispatched = self._refused(event, decision, review)
@@ -331,18 +332,14 @@ class Dispatcher:
         finally:
             IN_FLIGHT.dec()
         if unusable:
-            execution = Execution(
+            execution = dataclasses.replace(
+                execution,
                 attempts=(*unusable, *execution.attempts),
-                result=execution.result,
-                model=execution.model,
-                fallback=execution.fallback or (execution.ok and bool(unusable)),
+                fallback=execution.fallback or execution.ok,
                 fallback_reasons=(
                     *(f"{a.model}:credential" for a in unusable),
                     *execution.fallback_reasons,
                 ),
-                error=execution.error,
-                cost_usd=execution.cost_usd,
-                partial_text=execution.partial_text,
             )
         for a in execution.attempts:
             ATTEMPTS.labels(a.model, a.status).inc()
@@ -363,7 +360,7 @@ class Dispatcher:
 
     def _base(self, event: TaggedQueryEvent) -> dict[str, Any]:
         query = event.query
-        latency_ms = max(0.0, (datetime.now(UTC) - _aware(query.created_at)).total_seconds() * 1000)
+        latency_ms = max(0.0, (datetime.now(UTC) - as_utc(query.created_at)).total_seconds() * 1000)
         return {
             "query_id": event.query_id,
             "tenant": event.tenant,
@@ -500,12 +497,7 @@ class Dispatcher:
 
     def _export_breakers(self, board: BreakerBoard) -> None:
         for (model, endpoint), state in board.breaker_states().items():
-            code = {"closed": 0, "half_open": 1, "open": 2}[state]
-            BREAKER_STATE.labels(model, endpoint).set(code)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+            BREAKER_STATE.labels(model, endpoint).set(BREAKER_STATE_CODES[state])
 
 
 class HealthWatcher:
@@ -535,10 +527,7 @@ class HealthWatcher:
                     for r in records:
                         changed |= self.apply(r.value)
                 if changed:
-                    self.dispatcher.health = {
-                        model: ModelHealth(status=e.status, p99_latency_ms=e.p99_latency_ms)
-                        for model, e in self.latest.items()
-                    }
+                    self.dispatcher.health = health_map(self.latest.values())
                 if not self.caught_up.is_set() and consumer.assignment():
                     if ends is None:
                         ends = await consumer.end_offsets(list(consumer.assignment()))
