@@ -155,7 +155,7 @@ async def provision(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> Plan:
         ]
         for response in await admin.alter_configs(resources):
             _raise_on_errors([(r[3], r[0], r[1]) for r in response.resources])
-    if todo.create or todo.add_partitions:
+    if not todo.is_noop:
         await _await_metadata(admin, specs)
     return todo
 
@@ -163,15 +163,18 @@ async def provision(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> Plan:
 async def _await_metadata(
     admin: AIOKafkaAdminClient, specs: list[TopicSpec], timeout_s: float = 30.0
 ) -> None:
-    """Wait until the cluster's metadata shows every topic with at least its partitions, so the
-    next run (or a producer started right after) sees the result, not stale metadata."""
+    """Wait until the cluster's metadata shows every topic with at least its partitions and its
+    managed configs, so the next run (or a producer started right after) sees the result, not
+    stale metadata: under KRaft a broker applies the controller's changes asynchronously."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         existing = await describe_existing(admin, [s.name for s in specs])
         lagging = [
             s.name
             for s in specs
-            if s.name not in existing or existing[s.name].partitions < s.partitions
+            if s.name not in existing
+            or existing[s.name].partitions < s.partitions
+            or any(existing[s.name].configs.get(k) != v for k, v in s.configs.items())
         ]
         if not lagging:
             return
