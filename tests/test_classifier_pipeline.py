@@ -4,15 +4,17 @@ DistilBERT (the same code path as the real model), and `pointsman classify`."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 from pointsman_classifier.labels import DOMAINS, RISKS
-from pointsman_classifier.runtime import ArtifactError, ClassifierModel
+from pointsman_classifier.runtime import ArtifactError, ClassifierModel, Encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,34 @@ def test_predictions_are_probabilities_in_order(tiny_artifact: Path) -> None:
     # dynamic quantization scale is per batch; the fp32 graph is exact, see the agreement test)
     alone = model.predict([texts[1]])[0]
     assert alone.domain_probs == pytest.approx(preds[1].domain_probs, abs=0.02)
+
+
+def test_chunked_batches_come_back_in_input_order(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows run in length-sorted chunks; each prediction must land on its own input. The graph is
+    replaced by one whose domain logit is the row's real token count, so a misplaced row shows."""
+    model = ClassifierModel.load(tiny_artifact)
+    calls: list[int] = []
+
+    def logits(encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(encoded.input_ids))
+        n = len(encoded.input_ids)
+        domain = np.zeros((n, len(DOMAINS)))
+        domain[:, 0] = encoded.attention_mask.sum(axis=1)
+        return domain, np.zeros((n, len(RISKS)))
+
+    monkeypatch.setattr(model, "logits", logits)
+    rng = random.Random(3)
+    texts = [" ".join(["word"] * rng.choice([1, 2, 5, 40, 90])) for _ in range(200)]
+    preds = model.predict(texts, max_rows=16)
+    assert len(calls) > 200 // 16  # chunked, not one padded batch
+    expected = [len(model.tokenizer.encode(t).ids) for t in texts]
+    recovered = [
+        round(np.log(p.domain_probs[DOMAINS[0]] / p.domain_probs[DOMAINS[1]]) * model.t_domain)
+        for p in preds
+    ]
+    assert recovered == expected
 
 
 def test_tampered_model_is_refused(tiny_artifact: Path, tmp_path: Path) -> None:

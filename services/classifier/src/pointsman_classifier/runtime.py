@@ -20,6 +20,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
+from pointsman_classifier.buckets import DEFAULT_MAX_ROWS, DEFAULT_SLACK, length_buckets
 from pointsman_classifier.calibrate import decide_risk, softmax
 
 ARTIFACT_FILES = ("model.onnx", "tokenizer.json")
@@ -139,7 +140,10 @@ class ClassifierModel:
 
     def encode(self, texts: Sequence[str]) -> Encoded:
         """Token ids padded to the longest text of the batch (dynamic padding)."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        return self._pad(self.tokenizer.encode_batch(list(texts)))
+
+    @staticmethod
+    def _pad(encodings: Sequence[Any]) -> Encoded:
         ids, mask = pad_ids([e.ids for e in encodings])
         return Encoded(ids, mask, [bool(e.overflowing) for e in encodings])
 
@@ -158,20 +162,21 @@ class ClassifierModel:
         )
         return np.asarray(domain, dtype=np.float64), np.asarray(risk, dtype=np.float64)
 
-    def predict(self, texts: Sequence[str], bucket: int = 64) -> list[Prediction]:
-        """Predictions in input order. Large inputs run in length-sorted chunks of ``bucket``
-        (length bucketing: each chunk is padded only to its own longest text)."""
+    def predict(
+        self, texts: Sequence[str], max_rows: int = DEFAULT_MAX_ROWS, slack: float = DEFAULT_SLACK
+    ) -> list[Prediction]:
+        """Predictions in input order. The batch is tokenized once and run in chunks of similar
+        token length (:func:`~pointsman_classifier.buckets.length_buckets`), each padded only to
+        its own longest text."""
         if not texts:
             return []
-        if len(texts) <= bucket:
-            encoded = self.encode(texts)
-            domain_logits, risk_logits = self.logits(encoded)
-            return self.decide(domain_logits, risk_logits, encoded.truncated)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        encodings = self.tokenizer.encode_batch(list(texts))
         out: list[Prediction | None] = [None] * len(texts)
-        for start in range(0, len(order), bucket):
-            idx = order[start : start + bucket]
-            for i, p in zip(idx, self.predict([texts[i] for i in idx], bucket), strict=True):
+        for chunk in length_buckets([len(e.ids) for e in encodings], max_rows, slack):
+            encoded = self._pad([encodings[i] for i in chunk])
+            domain_logits, risk_logits = self.logits(encoded)
+            predictions = self.decide(domain_logits, risk_logits, encoded.truncated)
+            for i, p in zip(chunk, predictions, strict=True):
                 out[i] = p
         return [p for p in out if p is not None]
 

@@ -23,8 +23,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pointsman_classifier import calibrate, data
+from pointsman_classifier.buckets import length_buckets
 from pointsman_classifier.labels import DOMAINS, RISKS
-from pointsman_classifier.runtime import ClassifierModel, pad_ids, sha256_file
+from pointsman_classifier.runtime import ClassifierModel, Encoded, pad_ids, sha256_file
 
 log = logging.getLogger("pointsman.train")
 
@@ -366,15 +367,15 @@ def write_artifact(
 
 
 def batched_logits(
-    model: ClassifierModel, texts: list[str], batch: int = 64
+    model: ClassifierModel, texts: list[str]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Logits in length-sorted batches (fast), returned in the input order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    """Logits in chunks of similar token length (fast), returned in the input order."""
+    encodings = model.tokenizer.encode_batch(texts)
     d_out = np.zeros((len(texts), len(model.domains)))
     r_out = np.zeros((len(texts), len(model.risks)))
-    for start in range(0, len(order), batch):
-        idx = order[start : start + batch]
-        d, r = model.logits(model.encode([texts[i] for i in idx]))
+    for idx in length_buckets([len(e.ids) for e in encodings]):
+        ids, mask = pad_ids([encodings[i].ids for i in idx])
+        d, r = model.logits(Encoded(ids, mask, [False] * len(idx)))
         d_out[idx], r_out[idx] = d, r
     return d_out, r_out
 
