@@ -205,3 +205,42 @@ def test_layer_pruning_keeps_evenly_spaced_layers_ending_with_the_last() -> None
     pruned = load_encoder(RANDOM_DISTILBERT, layers=1)
     assert len(pruned.transformer.layer) == pruned.config.n_layers == 1
     assert len(full.transformer.layer) == 2
+
+
+def test_distillation_loss_is_zero_on_agreement_and_grows_with_disagreement() -> None:
+    import torch
+
+    from pointsman_classifier.train import distillation_loss
+
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    assert float(distillation_loss(teacher.clone(), teacher, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    near = float(distillation_loss(teacher + torch.tensor([[0.5, 0.0, 0.0]]), teacher, 2.0))
+    far = float(distillation_loss(teacher.flip(-1), teacher, 2.0))
+    assert 0.0 < near < far
+
+
+def test_a_student_learns_from_a_teacher_artifact(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The distillation path end to end: the teacher's logits are read from its artifact and the
+    student comes out as a complete, loadable artifact that records its teacher."""
+    from pointsman_classifier.modeling import RANDOM_DISTILBERT
+    from pointsman_classifier.train import TrainConfig, train
+
+    out = tmp_path / "student"
+    meta = train(
+        TrainConfig(
+            shared_dir=ROOT.parent / "shared" / "datasets",
+            natural_dir=ROOT / "data" / "natural",
+            out_dir=out,
+            base=RANDOM_DISTILBERT,
+            layers=1,
+            epochs=1,
+            max_rows=100,
+            agreement_rows=100,
+            calibration_cap=20,
+            threads=1,
+            teacher=tiny_artifact,
+        )
+    )
+    assert meta["training"]["config"]["teacher"] == str(tiny_artifact)
+    assert "teacher" in (out / "train.log").read_text()
+    assert len(ClassifierModel.load(out).predict(["a poem about my chemo"])) == 1

@@ -60,6 +60,19 @@ def register(sub: Any) -> None:
         help="keep this many encoder layers, evenly spaced, ending with the last (a smaller, "
         "faster model; default: all)",
     )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="an artifact folder whose logits the model also learns (knowledge distillation, "
+        "e.g. a smaller --layers model from the packaged one)",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.5,
+        help="share of the loss that follows the teacher (0-1, default 0.5)",
+    )
+    p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
@@ -181,7 +194,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_rows=args.max_rows,
         keep_fp32=Path(args.keep_fp32) if args.keep_fp32 else None,
+        teacher=Path(args.teacher) if args.teacher else None,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
     )
+    if not 0.0 <= config.distill_weight <= 1.0 or config.distill_temperature <= 0:
+        raise SystemExit("--distill-weight must be within 0-1 and --distill-temperature above 0")
     meta = train(config)
     print(
         orjson.dumps(

@@ -64,6 +64,9 @@ class TrainConfig:
     calibration_cap: int = 400  # public validation rows per source used for calibration
     agreement_rows: int = 4000  # test rows on which int8 must agree with fp32
     keep_fp32: Path | None = None  # also keep the fp32 ONNX here (not part of the artifact)
+    teacher: Path | None = None  # an artifact whose logits the model also learns (distillation)
+    distill_weight: float = 0.5  # share of the loss that follows the teacher
+    distill_temperature: float = 2.0
     caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
     natural_repeat: int = data.NATURAL_REPEAT
 
@@ -92,6 +95,38 @@ def load_tokenizer(config: TrainConfig) -> Any:
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+def teacher_logits(config: TrainConfig, texts: list[str]) -> tuple[Any, Any]:
+    """The teacher artifact's raw (uncalibrated) logits for every training row, or (None, None)
+    without a teacher. A smaller student learns them as soft targets beside the labels
+    (knowledge distillation): the teacher's view of near-misses carries more than one label."""
+    if config.teacher is None:
+        return None, None
+    import torch
+
+    teacher = ClassifierModel.load(config.teacher, intra_op_threads=config.threads)
+    if teacher.domains != tuple(DOMAINS) or teacher.risks != tuple(RISKS):
+        raise ValueError(f"teacher {config.teacher} has other labels than this model")
+    log.info("teacher %s (%s): logits for %d rows", config.teacher, teacher.version, len(texts))
+    d, r = batched_logits(teacher, texts)
+    return torch.from_numpy(d).float(), torch.from_numpy(r).float()
+
+
+def distillation_loss(student: Any, teacher: Any, temperature: float) -> Any:
+    """KL(teacher ‖ student) on temperature-softened distributions, scaled by T² so its
+    gradients keep their size as T changes (Hinton et al., 2015)."""
+    import torch.nn.functional as F
+
+    return (
+        F.kl_div(
+            F.log_softmax(student / temperature, dim=-1),
+            F.log_softmax(teacher / temperature, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
 
 
 def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -169,6 +204,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     r_index = {r: i for i, r in enumerate(RISKS)}
     y_domain = torch.tensor([d_index[r.domain] if r.domain else -100 for r in rows])
     y_risk = torch.tensor([r_index[r.risk] if r.risk else -100 for r in rows])
+    teacher_d, teacher_r = teacher_logits(config, [r.text for r in rows])
     w_domain = data.class_weights(rows, "domain")
     w_risk = data.class_weights(rows, "risk")
     log.info("class weights domain %s risk %s", w_domain, w_risk)
@@ -220,13 +256,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loss = loss_r(r_logits, yr)
             if (yd != -100).any():
                 loss = loss + loss_d(d_logits, yd)
+            if teacher_d is not None and teacher_r is not None:
+                soft = distillation_loss(d_logits, teacher_d[batch], config.distill_temperature)
+                soft = soft + distillation_loss(
+                    r_logits, teacher_r[batch], config.distill_temperature
+                )
+                loss = (1.0 - config.distill_weight) * loss + config.distill_weight * soft
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            running += float(loss)
+            running += float(loss.detach())
             progress.update(1)
             if n % 100 == 0:
                 log.info(
