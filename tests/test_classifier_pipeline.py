@@ -244,3 +244,27 @@ def test_a_student_learns_from_a_teacher_artifact(tiny_artifact: Path, tmp_path:
     assert meta["training"]["config"]["teacher"] == str(tiny_artifact)
     assert "teacher" in (out / "train.log").read_text()
     assert len(ClassifierModel.load(out).predict(["a poem about my chemo"])) == 1
+
+
+def test_recalibration_rewrites_calibration_and_names_it_in_the_version(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pointsman_classifier.train import recalibrate
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, artifact)
+    before = json.loads((artifact / "metadata.json").read_text())
+    shared, natural = ROOT.parent / "shared" / "datasets", ROOT / "data" / "natural"
+    meta = recalibrate(artifact, shared, natural, cap=20)
+    assert meta["model_version"].startswith(before["model_version"] + "-cal")
+    assert meta["files"] == before["files"]  # weights untouched
+    assert "evaluation" not in meta["metrics"]
+    assert set(meta["calibration"]["risk_thresholds"]) == set(RISKS[1:])
+    model = ClassifierModel.load(artifact)
+    assert model.version == meta["model_version"]
+    again = recalibrate(
+        artifact, shared, natural, cap=20
+    )  # same data: same calibration, one suffix
+    assert again["model_version"] == meta["model_version"]

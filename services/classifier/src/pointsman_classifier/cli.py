@@ -84,6 +84,18 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
+        "calibrate",
+        help="fit an artifact's temperatures, risk thresholds and ambiguity band again",
+        description="Refits the calibration of an existing artifact on the validation rows "
+        "(no training, no torch) and writes it into its metadata.json; the model version gets "
+        "a '-cal<hash>' suffix and the stored evaluation is dropped (run `pointsman eval`).",
+    )
+    p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
+    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
+    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
         "eval",
         help="evaluate the classifier model on the test splits and write the model card",
         description="Scores the int8 artifact on the public and natural test rows, writes the "
@@ -209,6 +221,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "calibration": meta["calibration"],
                 "metrics": meta["metrics"],
             },
+            option=orjson.OPT_INDENT_2,
+        ).decode()
+    )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pointsman_classifier.runtime import default_artifact
+    from pointsman_classifier.train import recalibrate
+
+    directory = Path(args.model) if args.model else default_artifact()
+    meta = recalibrate(directory, Path(args.shared), Path(args.natural))
+    print(
+        orjson.dumps(
+            {"model_version": meta["model_version"], "calibration": meta["calibration"]},
             option=orjson.OPT_INDENT_2,
         ).decode()
     )

@@ -7,6 +7,7 @@ writes a log (``train.log``) beside the artifact and a progress bar to the termi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -354,7 +355,30 @@ def write_artifact(
     (out / "metadata.json").write_text(json.dumps(meta))
     model = ClassifierModel.load(out)
 
-    cal = calibration_rows(examples, config.calibration_cap, config.seed)
+    meta["calibration"] = fit_calibration(model, examples, config.calibration_cap, config.seed)
+    agreement = int8_agreement(fp32, model, examples, config)
+    stamp = datetime.now(UTC).strftime("%Y%m%d")
+    meta["model_version"] = (
+        f"{_short_base(meta['base_model'])}-int8-{stamp}-{meta['files']['model.onnx'][:8]}"
+    )
+    meta["training"] = {
+        "data_fingerprint": data.fingerprint(config.shared_dir, config.natural_dir),
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(config).items()
+            if k not in ("shared_dir", "natural_dir", "out_dir")
+        },
+    }
+    meta["metrics"] = {"int8_fp32_agreement": agreement}
+    return meta
+
+
+def fit_calibration(
+    model: ClassifierModel, examples: list[data.Example], cap: int, seed: int
+) -> dict[str, Any]:
+    """Temperatures, risk thresholds and the ambiguity band, fitted on validation rows with the
+    int8 model run exactly as serving runs it (the same token-length chunks)."""
+    cal = calibration_rows(examples, cap, seed)
     d_logits, r_logits = batched_logits(model, [e.text for e in cal])
     has_d = np.array([e.domain is not None for e in cal])
     yd = np.array([DOMAINS.index(e.domain) if e.domain else -1 for e in cal])
@@ -374,13 +398,7 @@ def write_artifact(
         thresholds,
         band,
     )
-
-    agreement = int8_agreement(fp32, model, examples, config)
-    stamp = datetime.now(UTC).strftime("%Y%m%d")
-    meta["model_version"] = (
-        f"{_short_base(meta['base_model'])}-int8-{stamp}-{meta['files']['model.onnx'][:8]}"
-    )
-    meta["calibration"] = {
+    return {
         "temperature_domain": round(t_domain, 6),
         "temperature_risk": round(t_risk, 6),
         "risk_thresholds": {k: float(v) for k, v in thresholds.items()},
@@ -396,15 +414,29 @@ def write_artifact(
         "rows": len(cal),
         "benign_rows": int(benign.sum()),
     }
-    meta["training"] = {
-        "data_fingerprint": data.fingerprint(config.shared_dir, config.natural_dir),
-        "config": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in asdict(config).items()
-            if k not in ("shared_dir", "natural_dir", "out_dir")
-        },
-    }
-    meta["metrics"] = {"int8_fp32_agreement": agreement}
+
+
+def recalibrate(
+    directory: Path, shared_dir: Path, natural_dir: Path, cap: int = 400, seed: int = 13
+) -> dict[str, Any]:
+    """Fit the calibration of an existing artifact again (no training, no torch) and write it
+    into its metadata. The weights are unchanged but the decisions are not, so the model version
+    gets a suffix naming the calibration, and the stored evaluation, now stale, is dropped."""
+    model = ClassifierModel.load(directory)
+    meta = dict(model.metadata)
+    examples = data.load_all(shared_dir, natural_dir)
+    meta["calibration"] = fit_calibration(model, examples, cap, seed)
+    digest = hashlib.sha256(json.dumps(meta["calibration"], sort_keys=True).encode()).hexdigest()[
+        :6
+    ]
+    meta["model_version"] = f"{str(meta['model_version']).split('-cal')[0]}-cal{digest}"
+    metrics = dict(meta.get("metrics", {}))
+    metrics.pop("evaluation", None)
+    meta["metrics"] = metrics
+    meta.setdefault("training", {})["calibration_data_fingerprint"] = data.fingerprint(
+        shared_dir, natural_dir
+    )
+    (directory / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
