@@ -51,8 +51,10 @@ def texts_from_test_splits(k: int, seed: int = 7) -> list[str]:
     return [texts[i % len(texts)] for i in range(k)]
 
 
-def raw_throughput(texts: list[str], threads: int, batch: int = 256) -> float:
-    model = ClassifierModel.load(intra_op_threads=threads)
+def raw_throughput(
+    texts: list[str], threads: int, model_dir: Path | None = None, batch: int = 256
+) -> float:
+    model = ClassifierModel.load(model_dir, intra_op_threads=threads)
     model.predict(texts[:batch])
     start = time.perf_counter()
     for i in range(0, len(texts), batch):
@@ -80,9 +82,10 @@ async def publish(
 
 
 def start_replicas(
-    settings: Settings, replicas: int, threads: int
+    settings: Settings, replicas: int, threads: int, model_dir: Path | None = None
 ) -> list[subprocess.Popen[bytes]]:
     env = service_env(settings)
+    model = ["--model", str(model_dir)] if model_dir else []
     return [
         subprocess.Popen(
             [
@@ -98,6 +101,7 @@ def start_replicas(
                 "0",
                 "--max-batch",
                 "256",
+                *model,
             ],
             env=env,
             cwd=ROOT,
@@ -139,11 +143,11 @@ async def consume_tagged(
 
 
 async def run_config(
-    bootstrap: str, texts: list[str], replicas: int, threads: int
+    bootstrap: str, texts: list[str], replicas: int, threads: int, model_dir: Path | None
 ) -> dict[str, Any]:
     settings = await fresh_settings(bootstrap)
     await publish(settings, texts)
-    procs = start_replicas(settings, replicas, threads)
+    procs = start_replicas(settings, replicas, threads, model_dir)
     try:
         arrivals = await consume_tagged(settings, len(texts), timeout_s=900)
         rss = [peak_rss_mb(p.pid) for p in procs]
@@ -163,10 +167,15 @@ async def run_config(
 
 
 async def latency(
-    bootstrap: str, texts: list[str], replicas: int, threads: int, rate: float
+    bootstrap: str,
+    texts: list[str],
+    replicas: int,
+    threads: int,
+    rate: float,
+    model_dir: Path | None,
 ) -> dict[str, Any]:
     settings = await fresh_settings(bootstrap)
-    procs = start_replicas(settings, replicas, threads)
+    procs = start_replicas(settings, replicas, threads, model_dir)
     try:
         await publish(settings, texts[:50])  # warm-up: join the group, load the model
         await consume_tagged(settings, 50, timeout_s=120)
@@ -188,7 +197,7 @@ async def latency(
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     texts = texts_from_test_splits(args.queries)
-    raw = {f"{t}_threads": raw_throughput(texts[:5000], t) for t in (1, 2)}
+    raw = {f"{t}_threads": raw_throughput(texts[:5000], t, args.model) for t in (1, 2)}
     raw_best = max(raw.values())
     bootstrap = os.environ.get("POINTSMAN_BENCH_BOOTSTRAP")
     cluster = None
@@ -199,11 +208,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         cluster.start()
         bootstrap = cluster.bootstrap
     try:
-        runs = [await run_config(bootstrap, texts, r, t) for r, t in CONFIGS]
+        runs = [await run_config(bootstrap, texts, r, t, args.model) for r, t in CONFIGS]
         best = max(runs, key=lambda r: r["msgs_per_s"])
         lats = [
             await latency(
-                bootstrap, texts[: args.latency_queries], best["replicas"], best["threads"], rate
+                bootstrap,
+                texts[: args.latency_queries],
+                best["replicas"],
+                best["threads"],
+                rate,
+                args.model,
             )
             for rate in args.latency_rates
         ]
@@ -213,6 +227,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             cluster.stop()
     return {
         "msgs_per_s": best["msgs_per_s"],
+        "model_version": ClassifierModel.load(args.model).version,
         "best_configuration": {"replicas": best["replicas"], "threads": best["threads"]},
         "ratio_to_raw": best["msgs_per_s"] / raw_best,
         "p50_ms": lat["p50_ms"],
@@ -242,6 +257,12 @@ def main() -> int:
         "as p50_ms/p99_ms (pick one below capacity)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "classifier.json")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="artifact folder to serve (default: the packaged model), e.g. a smaller student",
+    )
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
