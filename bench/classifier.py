@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import subprocess
@@ -31,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from harness import fresh_settings, service_env, stop_all  # noqa: E402
+from harness import fresh_settings, service_env, stop_all, write_result  # noqa: E402
 
 from pointsman.broker import Cluster, fetch_jars  # noqa: E402
 from pointsman.client import Client  # noqa: E402
@@ -265,9 +264,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

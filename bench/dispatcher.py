@@ -63,7 +63,7 @@ from aiokafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from harness import fresh_settings, service_env, stop_all  # noqa: E402
+from harness import fresh_settings, service_env, stop_all, write_result  # noqa: E402
 
 from pointsman.broker import Cluster, fetch_jars  # noqa: E402
 from pointsman.config import Settings, load_settings  # noqa: E402
@@ -981,9 +981,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(profile_async(args)), indent=2))
         return 0
     result = asyncio.run(main_async(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -1,13 +1,16 @@
-"""What the service benchmarks share: a fresh topic prefix on a broker, the environment a
-service process gets, and stopping processes cleanly."""
+"""What the benchmarks share: a fresh topic prefix on a broker, the environment a service
+process gets, stopping processes cleanly, and writing the figures."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pointsman.config import Settings, load_settings
 from pointsman.kafka import make_admin
@@ -53,3 +56,10 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(10)
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Save the figures as JSON (bench/results/...) and print them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

@@ -13,7 +13,6 @@ Prints its figures and writes bench/results/model.json. Figures are measured, no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -27,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services" / "classifier" / "src"))
+
+from harness import write_result  # noqa: E402
 
 from pointsman_classifier import data  # noqa: E402
 from pointsman_classifier.runtime import ClassifierModel, default_artifact  # noqa: E402
@@ -174,9 +175,7 @@ def main() -> int:
             "cold_start_s<=2": cold["cold_start_s_max"] <= 2.0,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,24 +74,39 @@ async def kafka_settings(kafka_bootstrap: str) -> AsyncIterator[Settings]:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A classifier artifact from a tiny random DistilBERT, through the real training path:
-    train → ONNX export → int8 quantization → calibration (about 10 s)."""
+def tiny_train_config() -> Callable[..., Any]:
+    """TrainConfig for a tiny random DistilBERT on the real data, one quick epoch; keyword
+    arguments override any field (e.g. ``layers=1, teacher=...``)."""
     from pointsman_classifier.modeling import RANDOM_DISTILBERT
-    from pointsman_classifier.train import TrainConfig, train
+    from pointsman_classifier.train import TrainConfig
 
-    out = tmp_path_factory.mktemp("tiny-artifact")
-    train(
-        TrainConfig(
+    def make(out: Path, **overrides: Any) -> TrainConfig:
+        fields: dict[str, Any] = {
+            "base": RANDOM_DISTILBERT,
+            "epochs": 1,
+            "max_rows": 200,
+            "agreement_rows": 300,
+            "calibration_cap": 50,
+            "threads": 1,
+        }
+        return TrainConfig(
             shared_dir=ROOT.parent / "shared" / "datasets",
             natural_dir=ROOT / "data" / "natural",
             out_dir=out,
-            base=RANDOM_DISTILBERT,
-            epochs=1,
-            max_rows=200,
-            agreement_rows=300,
-            calibration_cap=50,
-            threads=1,
+            **{**fields, **overrides},
         )
-    )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(
+    tmp_path_factory: pytest.TempPathFactory, tiny_train_config: Callable[..., Any]
+) -> Path:
+    """A classifier artifact from a tiny random DistilBERT, through the real training path:
+    train → ONNX export → int8 quantization → calibration (about 10 s)."""
+    from pointsman_classifier.train import train
+
+    out = tmp_path_factory.mktemp("tiny-artifact")
+    train(tiny_train_config(out))
     return out

@@ -7,7 +7,9 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -219,28 +221,18 @@ def test_distillation_loss_is_zero_on_agreement_and_grows_with_disagreement() ->
     assert 0.0 < near < far
 
 
-def test_a_student_learns_from_a_teacher_artifact(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_a_student_learns_from_a_teacher_artifact(
+    tiny_artifact: Path, tiny_train_config: Callable[..., Any], tmp_path: Path
+) -> None:
     """The distillation path end to end: the teacher's logits are read from its artifact and the
     student comes out as a complete, loadable artifact that records its teacher."""
-    from pointsman_classifier.modeling import RANDOM_DISTILBERT
-    from pointsman_classifier.train import TrainConfig, train
+    from pointsman_classifier.train import train
 
     out = tmp_path / "student"
-    meta = train(
-        TrainConfig(
-            shared_dir=ROOT.parent / "shared" / "datasets",
-            natural_dir=ROOT / "data" / "natural",
-            out_dir=out,
-            base=RANDOM_DISTILBERT,
-            layers=1,
-            epochs=1,
-            max_rows=100,
-            agreement_rows=100,
-            calibration_cap=20,
-            threads=1,
-            teacher=tiny_artifact,
-        )
+    config = tiny_train_config(
+        out, layers=1, max_rows=100, agreement_rows=100, calibration_cap=20, teacher=tiny_artifact
     )
+    meta = train(config)
     assert meta["training"]["config"]["teacher"] == str(tiny_artifact)
     assert "teacher" in (out / "train.log").read_text()
     assert len(ClassifierModel.load(out).predict(["a poem about my chemo"])) == 1

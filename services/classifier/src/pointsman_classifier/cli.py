@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
         "stdin and writes one JSON line per input, in order. Needs no torch.",
     )
     p.add_argument("file", nargs="?", help="input file (default: stdin)")
-    p.add_argument("--model", help="artifact folder (default: the packaged model)")
+    _add_model_argument(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--max-chars",
@@ -39,8 +39,7 @@ def register(sub: Any) -> None:
         help="train, quantize and calibrate the classifier model",
         description="The training recipe (torch): see docs/classifier.md.",
     )
-    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
-    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    _add_data_arguments(p)
     p.add_argument("--out", default=None, help="artifact folder (default: the packaged model)")
     p.add_argument(
         "--base",
@@ -90,9 +89,8 @@ def register(sub: Any) -> None:
         "(no training, no torch) and writes it into its metadata.json; the model version gets "
         "a '-cal<hash>' suffix and the stored evaluation is dropped (run `pointsman eval`).",
     )
-    p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
-    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
-    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    _add_model_argument(p)
+    _add_data_arguments(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -102,9 +100,8 @@ def register(sub: Any) -> None:
         "model card (markdown) and its plots, and records the figures in the artifact's "
         "metadata.json under 'metrics'. Needs the classifier's `eval` extra (matplotlib).",
     )
-    p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
-    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
-    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    _add_model_argument(p)
+    _add_data_arguments(p)
     p.add_argument("--card", default=DEFAULT_CARD, help=f"model card to write ({DEFAULT_CARD})")
     p.add_argument(
         "--plots", default=DEFAULT_PLOTS, help=f"folder for the PNG plots ({DEFAULT_PLOTS})"
@@ -122,6 +119,15 @@ def register(sub: Any) -> None:
         help="write the figures into the artifact's metadata.json (default: yes)",
     )
     p.set_defaults(func=cmd_eval)
+
+
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
+    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
 
 
 def _lines(stream: IO[str]) -> Iterator[tuple[int, str | None, str | None]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -84,6 +84,11 @@ def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[NDArray[np.int64], NDArray[np
     return arr, mask
 
 
+def _pad(encodings: Sequence[Any]) -> Encoded:
+    ids, mask = pad_ids([e.ids for e in encodings])
+    return Encoded(ids, mask, [bool(e.overflowing) for e in encodings])
+
+
 class ClassifierModel:
     def __init__(
         self,
@@ -140,12 +145,19 @@ class ClassifierModel:
 
     def encode(self, texts: Sequence[str]) -> Encoded:
         """Token ids padded to the longest text of the batch (dynamic padding)."""
-        return self._pad(self.tokenizer.encode_batch(list(texts)))
+        return _pad(self.tokenizer.encode_batch(list(texts)))
 
-    @staticmethod
-    def _pad(encodings: Sequence[Any]) -> Encoded:
-        ids, mask = pad_ids([e.ids for e in encodings])
-        return Encoded(ids, mask, [bool(e.overflowing) for e in encodings])
+    def chunks(
+        self, texts: Sequence[str], max_rows: int = DEFAULT_MAX_ROWS, slack: float = DEFAULT_SLACK
+    ) -> Iterator[tuple[list[int], Encoded]]:
+        """The texts tokenized once and cut into chunks of similar token length
+        (:func:`~pointsman_classifier.buckets.length_buckets`), each padded only to its own
+        longest text, with the input positions of its rows. Serving, calibration and evaluation
+        all run the model this way: dynamic int8 scales activations per chunk, so the chunking
+        is part of what the model outputs."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        for chunk in length_buckets([len(e.ids) for e in encodings], max_rows, slack):
+            yield chunk, _pad([encodings[i] for i in chunk])
 
     def with_graph(self, path: Path) -> ClassifierModel:
         """The same tokenizer and calibration over another ONNX graph (e.g. the fp32 export)."""
@@ -165,15 +177,9 @@ class ClassifierModel:
     def predict(
         self, texts: Sequence[str], max_rows: int = DEFAULT_MAX_ROWS, slack: float = DEFAULT_SLACK
     ) -> list[Prediction]:
-        """Predictions in input order. The batch is tokenized once and run in chunks of similar
-        token length (:func:`~pointsman_classifier.buckets.length_buckets`), each padded only to
-        its own longest text."""
-        if not texts:
-            return []
-        encodings = self.tokenizer.encode_batch(list(texts))
+        """Predictions in input order, computed chunk by chunk (:meth:`chunks`)."""
         out: list[Prediction | None] = [None] * len(texts)
-        for chunk in length_buckets([len(e.ids) for e in encodings], max_rows, slack):
-            encoded = self._pad([encodings[i] for i in chunk])
+        for chunk, encoded in self.chunks(texts, max_rows, slack):
             domain_logits, risk_logits = self.logits(encoded)
             predictions = self.decide(domain_logits, risk_logits, encoded.truncated)
             for i, p in zip(chunk, predictions, strict=True):

@@ -24,9 +24,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pointsman_classifier import calibrate, data
-from pointsman_classifier.buckets import length_buckets
 from pointsman_classifier.labels import DOMAINS, RISKS
-from pointsman_classifier.runtime import ClassifierModel, Encoded, pad_ids, sha256_file
+from pointsman_classifier.runtime import ClassifierModel, pad_ids, sha256_file
 
 log = logging.getLogger("pointsman.train")
 
@@ -98,12 +97,12 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts)]
 
 
-def teacher_logits(config: TrainConfig, texts: list[str]) -> tuple[Any, Any]:
-    """The teacher artifact's raw (uncalibrated) logits for every training row, or (None, None)
-    without a teacher. A smaller student learns them as soft targets beside the labels
+def teacher_logits(config: TrainConfig, texts: list[str]) -> tuple[Any, Any] | None:
+    """The teacher artifact's raw (uncalibrated) logits for every training row (domain, risk),
+    or None without a teacher. A smaller student learns them as soft targets beside the labels
     (knowledge distillation): the teacher's view of near-misses carries more than one label."""
     if config.teacher is None:
-        return None, None
+        return None
     import torch
 
     teacher = ClassifierModel.load(config.teacher, intra_op_threads=config.threads)
@@ -205,7 +204,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     r_index = {r: i for i, r in enumerate(RISKS)}
     y_domain = torch.tensor([d_index[r.domain] if r.domain else -100 for r in rows])
     y_risk = torch.tensor([r_index[r.risk] if r.risk else -100 for r in rows])
-    teacher_d, teacher_r = teacher_logits(config, [r.text for r in rows])
+    teacher = teacher_logits(config, [r.text for r in rows])
     w_domain = data.class_weights(rows, "domain")
     w_risk = data.class_weights(rows, "risk")
     log.info("class weights domain %s risk %s", w_domain, w_risk)
@@ -257,10 +256,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loss = loss_r(r_logits, yr)
             if (yd != -100).any():
                 loss = loss + loss_d(d_logits, yd)
-            if teacher_d is not None and teacher_r is not None:
-                soft = distillation_loss(d_logits, teacher_d[batch], config.distill_temperature)
-                soft = soft + distillation_loss(
-                    r_logits, teacher_r[batch], config.distill_temperature
+            if teacher is not None:
+                t = config.distill_temperature
+                soft = distillation_loss(d_logits, teacher[0][batch], t) + distillation_loss(
+                    r_logits, teacher[1][batch], t
                 )
                 loss = (1.0 - config.distill_weight) * loss + config.distill_weight * soft
             loss.backward()
@@ -416,6 +415,9 @@ def fit_calibration(
     }
 
 
+CALIBRATION_SUFFIX = re.compile(r"-cal[0-9a-f]{6}$")
+
+
 def recalibrate(
     directory: Path, shared_dir: Path, natural_dir: Path, cap: int = 400, seed: int = 13
 ) -> dict[str, Any]:
@@ -429,7 +431,8 @@ def recalibrate(
     digest = hashlib.sha256(json.dumps(meta["calibration"], sort_keys=True).encode()).hexdigest()[
         :6
     ]
-    meta["model_version"] = f"{str(meta['model_version']).split('-cal')[0]}-cal{digest}"
+    weights_version = CALIBRATION_SUFFIX.sub("", str(meta["model_version"]))
+    meta["model_version"] = f"{weights_version}-cal{digest}"
     metrics = dict(meta.get("metrics", {}))
     metrics.pop("evaluation", None)
     meta["metrics"] = metrics
@@ -443,14 +446,11 @@ def recalibrate(
 def batched_logits(
     model: ClassifierModel, texts: list[str]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Logits in chunks of similar token length (fast), returned in the input order."""
-    encodings = model.tokenizer.encode_batch(texts)
+    """Logits in the input order, computed chunk by chunk as serving computes them."""
     d_out = np.zeros((len(texts), len(model.domains)))
     r_out = np.zeros((len(texts), len(model.risks)))
-    for idx in length_buckets([len(e.ids) for e in encodings]):
-        ids, mask = pad_ids([encodings[i].ids for i in idx])
-        d, r = model.logits(Encoded(ids, mask, [False] * len(idx)))
-        d_out[idx], r_out[idx] = d, r
+    for idx, encoded in model.chunks(texts):
+        d_out[idx], r_out[idx] = model.logits(encoded)
     return d_out, r_out
 
 
