@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -213,3 +214,65 @@ async def test_partitions_are_paused_while_a_slow_batch_is_in_flight(
 
 async def _resumed(worker: Worker[QueryEvent]) -> bool:
     return worker.consumer is not None and not worker.consumer.paused()
+
+
+async def test_next_batch_is_handled_while_the_previous_transaction_commits(
+    kafka_settings: Settings,
+) -> None:
+    """A batch's transaction runs in the background while the next batch is handled, but the
+    transactions themselves never overlap and commit in batch order; every query still comes out
+    once."""
+    from pointsman.worker import WorkerOptions
+
+    loop = asyncio.get_running_loop()
+    spans: dict[str, list[tuple[float, float, frozenset[str]]]] = {"handle": [], "commit": []}
+
+    async def handle(batch: Sequence[Incoming[QueryEvent]]) -> list[Outcome]:
+        started = loop.time()
+        await asyncio.sleep(0.05)
+        ids = frozenset(i.event.query_id for i in batch)
+        spans["handle"].append((started, loop.time(), ids))
+        return [[event_record(kafka_settings.topics.name("responses"), i.event)] for i in batch]
+
+    class SlowCommit(Worker[QueryEvent]):
+        async def _commit(self, outputs: list[Produce], offsets: dict) -> None:  # type: ignore[type-arg]
+            started = loop.time()
+            await asyncio.sleep(0.3)  # a slow transaction round trip
+            await super()._commit(outputs, offsets)
+            ids = frozenset(orjson.loads(o.value)["query_id"] for o in outputs)
+            spans["commit"].append((started, loop.time(), ids))
+
+    worker = SlowCommit(
+        kafka_settings,
+        service="overlap",
+        source_topic=kafka_settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=handle,
+        group_id=f"overlap-{uuid.uuid4().hex[:6]}",
+        instance_id="0",
+        options=WorkerOptions(max_batch=5, pause_after_s=None),
+    )
+    producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
+    await producer.start()
+    for n in range(40):
+        await producer.send(kafka_settings.topics.name("queries"), good(n), key=b"x")
+    await producer.stop()
+    async with running(worker):
+        out = values(await collect(kafka_settings, "responses", 40))
+        await wait_for(lambda: _all_committed(kafka_settings, worker.group_id), timeout_s=10)
+    assert sorted(o["query_id"] for o in out) == sorted(f"good-{n}" for n in range(40))
+    commits, handles = spans["commit"], spans["handle"]
+    assert len(commits) == len(handles) >= 8
+    for (_, end, _), (start, _, _) in itertools.pairwise(commits):
+        assert start >= end, "two transactions were open at once"
+    assert [ids for _, _, ids in commits] == [ids for _, _, ids in handles], "commit order"
+    overlapped = sum(
+        1
+        for (c_start, c_end, _), (h_start, _, _) in zip(commits, handles[1:], strict=False)
+        if c_start < h_start < c_end
+    )
+    assert overlapped >= len(commits) // 2, (overlapped, len(commits))
+
+
+async def _all_committed(settings: Settings, group_id: str) -> bool:
+    return await committed_lag(settings, group_id, "queries") == 0

@@ -13,7 +13,13 @@ Shaped after getsentry/arroyo: small steps with explicit commit semantics.
 
 A handler that raises is retried with backoff (the batch is not committed); after
 ``max_attempts`` the batch's records are dead-lettered as ``processing_error`` so one poisoned
-batch cannot stop a partition forever. Revocation waits for the batch in flight to commit.
+batch cannot stop a partition forever.
+
+Two batches overlap: a batch's transaction commits in the background while the next batch is
+handled, so the handler (the model, the provider calls) does not sit idle through the
+transaction's round trips. Transactions still run one at a time and in batch order: a batch's
+transaction begins only after the previous one has ended. Revocation and shutdown wait for both
+the batch being handled and the transaction in flight.
 """
 
 from __future__ import annotations
@@ -122,6 +128,7 @@ class Worker(Generic[E]):
         self.dead_letter_topic = settings.topics.name("dead_letters")
         self.limits = Limits(settings.limits.max_message_bytes, settings.limits.max_text_chars)
         self._busy = asyncio.Lock()
+        self._committing: asyncio.Future[None] | None = None  # the previous batch's transaction
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()
@@ -140,7 +147,7 @@ class Worker(Generic[E]):
         await self.producer.start()
         try:
             await self.consumer.start()
-            self.consumer.subscribe([self.source_topic], listener=_WaitForBatch(self._busy))
+            self.consumer.subscribe([self.source_topic], listener=_WaitForBatch(self._drain))
             self.ready.set()
             log.info("worker started", extra={"service": self.service, "topic": self.source_topic})
             while not stop.is_set():
@@ -148,10 +155,15 @@ class Worker(Generic[E]):
                     timeout_ms=self.options.poll_timeout_ms, max_records=self.options.max_batch
                 )
                 records = [r for rs in batch.values() for r in rs]
-                if records:
-                    async with self._busy:
+                async with self._busy:
+                    if records:
                         await self._process(records)
+                    else:
+                        await self._settle()
+            await self._drain()
         finally:
+            if self._committing is not None and not self._committing.done():
+                self._committing.cancel()  # failing out: the open transaction is aborted
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
             await self.producer.stop()
@@ -181,10 +193,28 @@ class Worker(Generic[E]):
             for r in records:
                 tp = TopicPartition(r.topic, r.partition)
                 offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-            await self._commit(outputs, offsets)
+            await self._settle()  # one transaction at a time, in batch order
+            self._committing = asyncio.ensure_future(self._commit_batch(outputs, offsets, started))
         finally:
             if paused:
                 self._resume(paused)
+
+    async def _settle(self) -> None:
+        """Wait for the previous batch's transaction. A failed one stays recorded, so the main
+        loop re-raises it even when a rebalance callback saw it first."""
+        if self._committing is not None:
+            await self._committing
+            self._committing = None
+
+    async def _drain(self) -> None:
+        """Wait until no batch is being handled and no transaction is in flight."""
+        async with self._busy:
+            await self._settle()
+
+    async def _commit_batch(
+        self, outputs: list[Produce], offsets: dict[TopicPartition, int], started: float
+    ) -> None:
+        await self._commit(outputs, offsets)
         metrics.BATCH_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         assert self.consumer is not None
         for tp, next_offset in offsets.items():
@@ -294,15 +324,14 @@ class Worker(Generic[E]):
 
 
 class _WaitForBatch(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Hold revocation until the batch in flight has committed, so no partition is processed
-    by two workers at once."""
+    """Hold revocation until the batches in flight have committed, so no partition is
+    processed by two workers at once."""
 
-    def __init__(self, busy: asyncio.Lock) -> None:
-        self.busy = busy
+    def __init__(self, drain: Callable[[], Awaitable[None]]) -> None:
+        self.drain = drain
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self.busy:
-            return
+        await self.drain()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return
