@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from pointsman_classifier.labels import DOMAINS, RISKS
-from pointsman_classifier.runtime import ArtifactError, ClassifierModel, Encoded
+from pointsman_classifier.runtime import ArtifactError, ClassifierModel, Encoded, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,3 +260,54 @@ def test_recalibration_rewrites_calibration_and_names_it_in_the_version(
         artifact, shared, natural, cap=20
     )  # same data: same calibration, one suffix
     assert again["model_version"] == meta["model_version"]
+
+
+def test_int8_keeps_the_heads_and_the_first_ffn_down_projection_in_fp32() -> None:
+    from pointsman_classifier.train import fp32_nodes
+
+    bert = [
+        f"/encoder/encoder/layer.{i}/{part}/MatMul"
+        for i in range(3)
+        for part in ("attention/self/query", "intermediate/dense", "output/dense")
+    ] + ["/domain_head/Gemm", "/risk_head/Gemm"]
+    assert fp32_nodes(bert) == [
+        "/domain_head/Gemm",
+        "/risk_head/Gemm",
+        "/domain_head/Gemm_MatMul",
+        "/risk_head/Gemm_MatMul",
+        "/encoder/encoder/layer.0/output/dense/MatMul",
+    ]
+    distilbert = [
+        "/encoder/transformer/layer.1/ffn/lin2/MatMul",
+        "/encoder/transformer/layer.0/ffn/lin2/MatMul",
+    ]
+    assert fp32_nodes(distilbert) == ["/encoder/transformer/layer.0/ffn/lin2/MatMul"]
+    assert fp32_nodes(["/domain_head/Gemm"]) == ["/domain_head/Gemm", "/domain_head/Gemm_MatMul"]
+
+
+def test_requantize_rebuilds_the_int8_graph_from_the_recorded_fp32_export(
+    tiny_train_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """`pointsman quantize`: a new int8 graph from the kept fp32 export, checked against it and
+    recalibrated; a foreign fp32 file or too little agreement leaves the artifact as it was."""
+    from pointsman_classifier.train import requantize, train
+
+    artifact, fp32 = tmp_path / "artifact", tmp_path / "model.fp32.onnx"
+    before = train(tiny_train_config(artifact, keep_fp32=fp32, max_rows=100))
+    shared, natural = ROOT.parent / "shared" / "datasets", ROOT / "data" / "natural"
+    assert len(before["fp32_sha256"]) == 64
+
+    with pytest.raises(ValueError, match="is not the fp32 export"):
+        requantize(artifact, artifact / "model.onnx", shared, natural)
+    with pytest.raises(ValueError, match="too few test rows"):
+        requantize(artifact, fp32, shared, natural, agreement_rows=100, min_agreement=1.01)
+    assert json.loads((artifact / "metadata.json").read_text())["files"] == before["files"]
+
+    meta = requantize(artifact, fp32, shared, natural, agreement_rows=100, min_agreement=0.5)
+    assert meta["files"]["model.onnx"] == sha256_file(artifact / "model.onnx")
+    assert meta["fp32_sha256"] == sha256_file(fp32)
+    assert meta["metrics"]["int8_fp32_agreement"]["rows"] == 100
+    assert "-cal" in meta["model_version"] and meta["model_version"] != before["model_version"]
+    model = ClassifierModel.load(artifact)
+    assert model.version == meta["model_version"]
+    assert len(model.predict(["is it legal to bring melatonin into Japan"])) == 1
