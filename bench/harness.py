@@ -3,14 +3,18 @@ process gets, stopping processes cleanly, and writing the figures."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from aiokafka.errors import KafkaError
 
 from pointsman.config import Settings, load_settings
 from pointsman.kafka import make_admin
@@ -32,6 +36,34 @@ async def fresh_settings(bootstrap: str) -> Settings:
     finally:
         await admin.close()
     return settings
+
+
+async def wait_for_group(
+    settings: Settings, group_id: str, members: int, timeout_s: float = 180.0
+) -> float:
+    """Wait until the consumer group is Stable with ``members`` members (every replica has
+    joined and holds partitions); returns the wall time it was first seen so. Replicas join one
+    by one, so until then the first one works alone."""
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                responses = await admin.describe_consumer_groups([group_id])
+            except KafkaError as exc:  # e.g. no coordinator yet while __consumer_offsets is made
+                if not exc.retriable:
+                    raise
+                responses = []
+            for response in responses:
+                for group in response.groups:
+                    state, joined = group[2], group[5]
+                    if state == "Stable" and len(joined) == members:
+                        return time.time()
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+    raise RuntimeError(f"group {group_id} not stable with {members} members in {timeout_s}s")
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:

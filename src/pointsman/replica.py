@@ -20,7 +20,7 @@ from pointsman.logs import setup_logging
 Serve = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-def add_replica_arguments(p: Any, *, group_id: str, ops_port: int) -> None:
+def add_replica_arguments(p: Any, *, group_id: str, ops_port: int, max_batch: int = 256) -> None:
     """--instance-id, --group, --max-batch, --max-wait-ms, --ops-host, --ops-port."""
     p.add_argument(
         "--instance-id",
@@ -29,7 +29,9 @@ def add_replica_arguments(p: Any, *, group_id: str, ops_port: int) -> None:
         "or the host name",
     )
     p.add_argument("--group", default=group_id, help=f"consumer group (default {group_id})")
-    p.add_argument("--max-batch", type=int, default=256, help="records per batch")
+    p.add_argument(
+        "--max-batch", type=int, default=max_batch, help=f"records per batch (default {max_batch})"
+    )
     p.add_argument("--max-wait-ms", type=int, default=20, help="poll wait for a batch")
     p.add_argument("--ops-host", default="127.0.0.1")
     p.add_argument(
