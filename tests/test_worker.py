@@ -219,9 +219,10 @@ async def _resumed(worker: Worker[QueryEvent]) -> bool:
 async def test_next_batch_is_handled_while_the_previous_transaction_commits(
     kafka_settings: Settings,
 ) -> None:
-    """A batch's transaction runs in the background while the next batch is handled, but the
-    transactions themselves never overlap and commit in batch order; every query still comes out
-    once."""
+    """Under a backlog (full batches) a batch's transaction runs in the background while the next
+    batch is handled, but the transactions themselves never overlap and commit in batch order; a
+    batch that is not full (the worker keeps up) commits before the next one is handled; every
+    query comes out once."""
     from pointsman.worker import WorkerOptions
 
     loop = asyncio.get_running_loop()
@@ -260,8 +261,19 @@ async def test_next_batch_is_handled_while_the_previous_transaction_commits(
     async with running(worker):
         out = values(await collect(kafka_settings, "responses", 40))
         await wait_for(lambda: _all_committed(kafka_settings, worker.group_id), timeout_s=10)
-    assert sorted(o["query_id"] for o in out) == sorted(f"good-{n}" for n in range(40))
-    commits, handles = spans["commit"], spans["handle"]
+        backlog = len(spans["commit"])
+        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
+        await producer.start()
+        for n in (40, 41):  # one at a time: the second arrives while the first commits
+            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
+            await asyncio.sleep(0.15)
+        await producer.stop()
+        out = values(await collect(kafka_settings, "responses", 42))
+        await wait_for(lambda: _all_committed(kafka_settings, worker.group_id), timeout_s=10)
+    assert sorted(o["query_id"] for o in out) == sorted(f"good-{n}" for n in range(42))
+    (_, first_committed, _), (second_handled, _, second) = spans["commit"][-2], spans["handle"][-1]
+    assert second == {"good-41"} and second_handled >= first_committed, "small batch overlapped"
+    commits, handles = spans["commit"][:backlog], spans["handle"][:backlog]
     assert len(commits) == len(handles) >= 8
     for (_, end, _), (start, _, _) in itertools.pairwise(commits):
         assert start >= end, "two transactions were open at once"

@@ -15,11 +15,14 @@ A handler that raises is retried with backoff (the batch is not committed); afte
 ``max_attempts`` the batch's records are dead-lettered as ``processing_error`` so one poisoned
 batch cannot stop a partition forever.
 
-Two batches overlap: a batch's transaction commits in the background while the next batch is
-handled, so the handler (the model, the provider calls) does not sit idle through the
-transaction's round trips. Transactions still run one at a time and in batch order: a batch's
-transaction begins only after the previous one has ended. Revocation and shutdown wait for both
-the batch being handled and the transaction in flight.
+Under a backlog (a full batch) two batches overlap: the batch's transaction commits in the
+background while the next batch is handled, so the handler (the model, the provider calls) does
+not sit idle through the transaction's round trips. A batch that is not full commits before the
+next poll: the worker is keeping up, and the shortest path matters more (overlapping every batch
+raised the p99 publish-to-tagged latency at 100 queries/s from ~140 to ~270 ms). Transactions
+always run one at a time and in batch order: a batch's transaction begins only after the
+previous one has ended. Revocation and shutdown wait for both the batch being handled and the
+transaction in flight.
 """
 
 from __future__ import annotations
@@ -194,7 +197,11 @@ class Worker(Generic[E]):
                 tp = TopicPartition(r.topic, r.partition)
                 offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
             await self._settle()  # one transaction at a time, in batch order
-            self._committing = asyncio.ensure_future(self._commit_batch(outputs, offsets, started))
+            commit = self._commit_batch(outputs, offsets, started)
+            if len(records) >= self.options.max_batch:  # a backlog: overlap with the next batch
+                self._committing = asyncio.ensure_future(commit)
+            else:  # keeping up: commit now, the shortest path for these records
+                await commit
         finally:
             if paused:
                 self._resume(paused)
