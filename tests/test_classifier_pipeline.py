@@ -311,3 +311,50 @@ def test_requantize_rebuilds_the_int8_graph_from_the_recorded_fp32_export(
     model = ClassifierModel.load(artifact)
     assert model.version == meta["model_version"]
     assert len(model.predict(["is it legal to bring melatonin into Japan"])) == 1
+
+
+def test_nan_guards_around_softmax_are_dropped_and_nothing_else(tmp_path: Path) -> None:
+    """The exporter's Where(IsNaN(p), 0, p) after a softmax goes (with its fill constant, an
+    initializer or a Constant node); a Where that fills with something other than 0 stays;
+    outputs do not change."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pointsman_classifier.train import drop_nan_guards
+
+    zero = numpy_helper.from_array(np.zeros((), dtype=np.float32), "zero")
+    one = numpy_helper.from_array(np.ones((), dtype=np.float32), "one")
+    nodes = [
+        helper.make_node("Constant", [], ["zero_c"], value=zero),
+        helper.make_node("Softmax", ["x"], ["p"], name="softmax", axis=-1),
+        helper.make_node("IsNaN", ["p"], ["q_nan"], name="guard_check_2"),
+        helper.make_node("Where", ["q_nan", "zero_c", "p"], ["q_safe"], name="guard_2"),
+        helper.make_node("IsNaN", ["p"], ["p_nan"], name="guard_check"),
+        helper.make_node("Where", ["p_nan", "zero", "p"], ["p_safe"], name="guard"),
+        helper.make_node("IsNaN", ["x"], ["x_nan"]),  # unnamed, like many exported nodes
+        helper.make_node("Where", ["x_nan", "one", "x"], ["x_filled"]),  # fills 1: kept
+        helper.make_node("Add", ["p_safe", "x_filled"], ["s"], name="add"),
+        helper.make_node("Add", ["s", "q_safe"], ["y"], name="add_2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [zero, one],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[0.1, 2.0, -1.0], [3.0, 3.0, 0.0]], dtype=np.float32)
+
+    def run(m: Any) -> Any:
+        path = tmp_path / "m.onnx"
+        onnx.save(m, str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    before = run(model)
+    assert drop_nan_guards(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["Softmax", "IsNaN", "Where", "Add", "Add"]
+    assert model.graph.node[-2].input[0] == "p" and model.graph.node[-1].input[1] == "p"
+    assert [i.name for i in model.graph.initializer] == ["one"]
+    np.testing.assert_array_equal(run(model), before)
