@@ -288,3 +288,39 @@ async def test_next_batch_is_handled_while_the_previous_transaction_commits(
 
 async def _all_committed(settings: Settings, group_id: str) -> bool:
     return await committed_lag(settings, group_id, "queries") == 0
+
+
+async def test_partitions_are_paused_while_a_transaction_is_slow(kafka_settings: Settings) -> None:
+    """Backpressure covers produce latency too: a transaction still open after pause_after_s
+    pauses every assigned partition until it has committed."""
+    from pointsman.worker import WorkerOptions
+
+    seen_paused: list[tuple[int, int]] = []  # (paused, assigned) at the end of each commit
+
+    class SlowProduce(Worker[QueryEvent]):
+        async def _commit(self, outputs: list[Produce], offsets: dict) -> None:  # type: ignore[type-arg]
+            await asyncio.sleep(0.6)  # longer than pause_after_s
+            assert self.consumer is not None
+            seen_paused.append((len(self.consumer.paused()), len(self.consumer.assignment())))
+            await super()._commit(outputs, offsets)
+
+    worker = SlowProduce(
+        kafka_settings,
+        service="slow-produce",
+        source_topic=kafka_settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=echo_handler(kafka_settings),
+        group_id=f"slow-produce-{uuid.uuid4().hex[:6]}",
+        instance_id="0",
+        options=WorkerOptions(pause_after_s=0.2),
+    )
+    async with running(worker):
+        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
+        await producer.start()
+        for n in range(3):
+            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
+        await producer.stop()
+        out = values(await collect(kafka_settings, "responses", 3))
+        await wait_for(lambda: _resumed(worker), timeout_s=10)
+    assert {o["query_id"] for o in out} == {"good-0", "good-1", "good-2"}
+    assert seen_paused and all(p == a > 0 for p, a in seen_paused), seen_paused

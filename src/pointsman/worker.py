@@ -185,26 +185,35 @@ class Worker(Generic[E]):
             else:
                 decoded.append(Incoming(result, r))
         paused: set[TopicPartition] = set()
-        handling = asyncio.ensure_future(self._handle(decoded))
+        work = asyncio.ensure_future(self._handle_and_commit(records, decoded, outputs, started))
         if self.options.pause_after_s is not None:
-            await asyncio.wait({handling}, timeout=self.options.pause_after_s)
-            if not handling.done():
+            await asyncio.wait({work}, timeout=self.options.pause_after_s)
+            if not work.done():  # slow handling, or a slow transaction before or of this batch
                 paused = self._pause()
         try:
-            outputs += await handling
-            offsets: dict[TopicPartition, int] = {}
-            for r in records:
-                tp = TopicPartition(r.topic, r.partition)
-                offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-            await self._settle()  # one transaction at a time, in batch order
-            commit = self._commit_batch(outputs, offsets, started)
-            if len(records) >= self.options.max_batch:  # a backlog: overlap with the next batch
-                self._committing = asyncio.ensure_future(commit)
-            else:  # keeping up: commit now, the shortest path for these records
-                await commit
+            await work
         finally:
             if paused:
                 self._resume(paused)
+
+    async def _handle_and_commit(
+        self,
+        records: list[Any],
+        decoded: list[Incoming[E]],
+        outputs: list[Produce],
+        started: float,
+    ) -> None:
+        outputs = outputs + await self._handle(decoded)
+        offsets: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        await self._settle()  # one transaction at a time, in batch order
+        commit = self._commit_batch(outputs, offsets, started)
+        if len(records) >= self.options.max_batch:  # a backlog: overlap with the next batch
+            self._committing = asyncio.ensure_future(commit)
+        else:  # keeping up: commit now, the shortest path for these records
+            await commit
 
     async def _settle(self) -> None:
         """Wait for the previous batch's transaction. A failed one stays recorded, so the main
