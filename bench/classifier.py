@@ -161,7 +161,7 @@ async def run_config(
     procs = start_replicas(settings, replicas, threads, model_dir)
     try:
         reader = asyncio.create_task(consume_tagged(settings, len(texts), timeout_s=900))
-        all_joined = await wait_for_group(settings, GROUP_ID, replicas)
+        all_joined = await wait_for_group(settings, GROUP_ID, replicas, procs)
         arrivals = await reader
         rss = [peak_rss_mb(p.pid) for p in procs]
     finally:
@@ -171,6 +171,11 @@ async def run_config(
     first = min((t for _, t in arrivals if t >= all_joined), default=arrivals[-1][1])
     last = arrivals[-1][1]
     counted = sum(1 for _, t in arrivals if t > first)
+    if counted < len(texts) // 2:
+        raise RuntimeError(
+            f"only {counted} of {len(texts)} queries were tagged after all {replicas} replicas "
+            "had joined: too few to measure steady state, use more --queries"
+        )
     msgs_per_s = counted / max(1e-9, last - first)
     return {
         "replicas": replicas,

@@ -59,11 +59,16 @@ from typing import Any
 import numpy as np
 import orjson
 import yaml
-from aiokafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from harness import fresh_settings, service_env, stop_all, write_result  # noqa: E402
+from harness import (  # noqa: E402
+    fresh_settings,
+    service_env,
+    stop_all,
+    wait_for_group,
+    write_result,
+)
 
 from pointsman.broker import Cluster, fetch_jars  # noqa: E402
 from pointsman.config import Settings, load_settings  # noqa: E402
@@ -75,7 +80,7 @@ from pointsman.events import (  # noqa: E402
     TaggedQueryEvent,
     Tags,
 )
-from pointsman.kafka import make_admin, make_consumer, make_producer  # noqa: E402
+from pointsman.kafka import make_consumer, make_producer  # noqa: E402
 from pointsman.worker import Incoming  # noqa: E402
 from pointsman_dispatcher.fake_provider import serve as serve_fake  # noqa: E402
 from pointsman_dispatcher.policy import RoutingConfig, load_routing_config  # noqa: E402
@@ -491,29 +496,6 @@ def cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- Kafka
 
 
-async def wait_group_stable(
-    settings: Settings, group: str, members: int, procs: Sequence[subprocess.Popen[bytes]]
-) -> None:
-    """Until the consumer group is Stable with ``members`` members (no rebalance mid-run)."""
-    admin = make_admin(settings.kafka)
-    await admin.start()
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a dispatcher replica exited during start-up")
-            with contextlib.suppress(KafkaError):
-                described = await admin.describe_consumer_groups([group])
-                groups = described[0].to_object()["groups"]
-                state = groups[0]["state"] if groups else ""
-                if state == "Stable" and len(groups[0]["members"]) == members:
-                    return
-            await asyncio.sleep(0.25)
-    finally:
-        await admin.close()
-    raise RuntimeError(f"group {group} not stable with {members} members within 120 s")
-
-
 class ResponseReader:
     """Reads committed responses (read_committed, no group) and notes when each arrived."""
 
@@ -614,7 +596,7 @@ async def running(
     procs = start_replicas(settings, routing, replicas, group, log_dir, extra_args)
     try:
         async with ResponseReader(settings) as reader:
-            await wait_group_stable(settings, group, replicas, procs)
+            await wait_for_group(settings, group, replicas, procs)
             await publish(settings, workload(WARMUP, "w", seed=3))
             await reader.wait_for("w", WARMUP, timeout_s=120)
             yield Running(settings, procs, reader)

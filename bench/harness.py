@@ -4,6 +4,7 @@ process gets, stopping processes cleanly, and writing the figures."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,27 +40,29 @@ async def fresh_settings(bootstrap: str) -> Settings:
 
 
 async def wait_for_group(
-    settings: Settings, group_id: str, members: int, timeout_s: float = 180.0
+    settings: Settings,
+    group_id: str,
+    members: int,
+    procs: Sequence[subprocess.Popen[bytes]] = (),
+    timeout_s: float = 180.0,
 ) -> float:
     """Wait until the consumer group is Stable with ``members`` members (every replica has
-    joined and holds partitions); returns the wall time it was first seen so. Replicas join one
-    by one, so until then the first one works alone."""
+    joined and holds partitions, no rebalance under way); returns the wall time it was first
+    seen so. Replicas join one by one, so until then the first one works alone. Fails at once
+    when one of ``procs`` has exited."""
     admin = make_admin(settings.kafka)
     await admin.start()
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            try:
-                responses = await admin.describe_consumer_groups([group_id])
-            except KafkaError as exc:  # e.g. no coordinator yet while __consumer_offsets is made
-                if not exc.retriable:
-                    raise
-                responses = []
-            for response in responses:
-                for group in response.groups:
-                    state, joined = group[2], group[5]
-                    if state == "Stable" and len(joined) == members:
-                        return time.time()
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a replica of group {group_id} exited during start-up")
+            # retriable errors, e.g. no coordinator yet while __consumer_offsets is created
+            with contextlib.suppress(KafkaError):
+                for response in await admin.describe_consumer_groups([group_id]):
+                    for group in response.to_object()["groups"]:
+                        if group["state"] == "Stable" and len(group["members"]) == members:
+                            return time.time()
             await asyncio.sleep(0.05)
     finally:
         await admin.close()
