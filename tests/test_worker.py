@@ -17,7 +17,16 @@ from aiokafka import AIOKafkaProducer
 from pointsman.config import LimitsSettings, Settings
 from pointsman.events import QueryEvent
 from pointsman.kafka import client_kwargs
-from pointsman.worker import Failure, Incoming, Outcome, Produce, Worker, event_record
+from pointsman.worker import (
+    Failure,
+    Handler,
+    Incoming,
+    Outcome,
+    Produce,
+    Worker,
+    WorkerOptions,
+    event_record,
+)
 from tests.kafka_helpers import collect, committed_lag, values, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -54,6 +63,40 @@ def good(n: int) -> bytes:
     return QueryEvent(query_id=f"good-{n}", text=f"good query {n}").to_json()
 
 
+def query_worker(
+    settings: Settings,
+    service: str,
+    handler: Handler[QueryEvent],
+    options: WorkerOptions | None = None,
+    cls: type[Worker[QueryEvent]] = Worker,
+) -> Worker[QueryEvent]:
+    """A worker on the queries topic, alone in a fresh group named after ``service``."""
+    return cls(
+        settings,
+        service=service,
+        source_topic=settings.topics.name("queries"),
+        model=QueryEvent,
+        handler=handler,
+        group_id=f"{service}-{uuid.uuid4().hex[:6]}",
+        instance_id="0",
+        options=options,
+    )
+
+
+async def send_good(settings: Settings, numbers: Sequence[int], gap_s: float = 0.0) -> None:
+    """Publish good(n) for each number, in order, on one key (one partition), each acknowledged
+    before the next; ``gap_s`` apart."""
+    producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
+    await producer.start()
+    try:
+        for n in numbers:
+            await producer.send_and_wait(settings.topics.name("queries"), good(n), key=b"x")
+            if gap_s:
+                await asyncio.sleep(gap_s)
+    finally:
+        await producer.stop()
+
+
 BAD = [
     ("invalid_json", b'{"query_id": "b1", "text": '),
     ("schema_violation", orjson.dumps({"query_id": "b2", "text": "x", "priority": "high"})),
@@ -72,18 +115,9 @@ async def test_bad_input_is_dead_lettered_and_the_next_good_one_processed(
     settings = kafka_settings.model_copy(
         update={"limits": LimitsSettings(max_message_bytes=20_000, max_text_chars=1_000)}
     )
-    group = f"echo-{uuid.uuid4().hex[:6]}"
-    worker: Worker[QueryEvent] = Worker(
-        settings,
-        service="echo",
-        source_topic=settings.topics.name("queries"),
-        model=QueryEvent,
-        handler=echo_handler(settings),
-        group_id=group,
-        instance_id="0",
-    )
+    worker = query_worker(settings, "echo", echo_handler(settings))
     async with running(worker):
-        await check_dead_letters(settings, group)
+        await check_dead_letters(settings, worker.group_id)
 
 
 async def check_dead_letters(settings: Settings, group: str) -> None:
@@ -141,24 +175,10 @@ async def test_handler_that_keeps_failing_is_dead_lettered_not_stuck(
         calls += 1
         raise RuntimeError("model server is gone")
 
-    from pointsman.worker import WorkerOptions
-
-    group = f"broken-{uuid.uuid4().hex[:6]}"
-    worker: Worker[QueryEvent] = Worker(
-        kafka_settings,
-        service="broken",
-        source_topic=kafka_settings.topics.name("queries"),
-        model=QueryEvent,
-        handler=broken,
-        group_id=group,
-        instance_id="0",
-        options=WorkerOptions(max_attempts=3, retry_backoff_s=0.01),
-    )
+    options = WorkerOptions(max_attempts=3, retry_backoff_s=0.01)
+    worker = query_worker(kafka_settings, "broken", broken, options)
     async with running(worker):
-        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
-        await producer.start()
-        await producer.send_and_wait(kafka_settings.topics.name("queries"), good(1), key=b"x")
-        await producer.stop()
+        await send_good(kafka_settings, [1])
         [dead] = values(await collect(kafka_settings, "dead_letters", 1))
     assert dead["reason"] == "processing_error"
     assert "failed 3 times" in dead["detail"] and dead["query_id"] == "good-1"
@@ -176,8 +196,6 @@ def test_event_record_headers() -> None:
 async def test_partitions_are_paused_while_a_slow_batch_is_in_flight(
     kafka_settings: Settings,
 ) -> None:
-    from pointsman.worker import WorkerOptions
-
     seen_paused: list[tuple[int, int]] = []  # (paused, assigned) inside the slow handler
     holder: list[Worker[QueryEvent]] = []
 
@@ -188,23 +206,10 @@ async def test_partitions_are_paused_while_a_slow_batch_is_in_flight(
         seen_paused.append((len(consumer.paused()), len(consumer.assignment())))
         return [[event_record(kafka_settings.topics.name("responses"), i.event)] for i in batch]
 
-    worker: Worker[QueryEvent] = Worker(
-        kafka_settings,
-        service="slow",
-        source_topic=kafka_settings.topics.name("queries"),
-        model=QueryEvent,
-        handler=slow,
-        group_id=f"slow-{uuid.uuid4().hex[:6]}",
-        instance_id="0",
-        options=WorkerOptions(pause_after_s=0.2),
-    )
+    worker = query_worker(kafka_settings, "slow", slow, WorkerOptions(pause_after_s=0.2))
     holder.append(worker)
     async with running(worker):
-        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
-        await producer.start()
-        for n in range(3):
-            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
-        await producer.stop()
+        await send_good(kafka_settings, range(3))
         out = values(await collect(kafka_settings, "responses", 3))
         assert worker.consumer is not None
         await wait_for(lambda: _resumed(worker), timeout_s=10)
@@ -223,8 +228,6 @@ async def test_next_batch_is_handled_while_the_previous_transaction_commits(
     batch is handled, but the transactions themselves never overlap and commit in batch order; a
     batch that is not full (the worker keeps up) commits before the next one is handled; every
     query comes out once."""
-    from pointsman.worker import WorkerOptions
-
     loop = asyncio.get_running_loop()
     spans: dict[str, list[tuple[float, float, frozenset[str]]]] = {"handle": [], "commit": []}
 
@@ -243,31 +246,15 @@ async def test_next_batch_is_handled_while_the_previous_transaction_commits(
             ids = frozenset(orjson.loads(o.value)["query_id"] for o in outputs)
             spans["commit"].append((started, loop.time(), ids))
 
-    worker = SlowCommit(
-        kafka_settings,
-        service="overlap",
-        source_topic=kafka_settings.topics.name("queries"),
-        model=QueryEvent,
-        handler=handle,
-        group_id=f"overlap-{uuid.uuid4().hex[:6]}",
-        instance_id="0",
-        options=WorkerOptions(max_batch=5, pause_after_s=None),
-    )
-    producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
-    await producer.start()
-    for n in range(40):
-        await producer.send(kafka_settings.topics.name("queries"), good(n), key=b"x")
-    await producer.stop()
+    options = WorkerOptions(max_batch=5, pause_after_s=None)
+    worker = query_worker(kafka_settings, "overlap", handle, options, cls=SlowCommit)
+    await send_good(kafka_settings, range(40))  # a backlog before the worker starts
     async with running(worker):
         out = values(await collect(kafka_settings, "responses", 40))
         await wait_for(lambda: _all_committed(kafka_settings, worker.group_id), timeout_s=10)
         backlog = len(spans["commit"])
-        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
-        await producer.start()
-        for n in (40, 41):  # one at a time: the second arrives while the first commits
-            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
-            await asyncio.sleep(0.15)
-        await producer.stop()
+        # one at a time: the second arrives while the first commits
+        await send_good(kafka_settings, [40, 41], gap_s=0.15)
         out = values(await collect(kafka_settings, "responses", 42))
         await wait_for(lambda: _all_committed(kafka_settings, worker.group_id), timeout_s=10)
     assert sorted(o["query_id"] for o in out) == sorted(f"good-{n}" for n in range(42))
@@ -293,8 +280,6 @@ async def _all_committed(settings: Settings, group_id: str) -> bool:
 async def test_partitions_are_paused_while_a_transaction_is_slow(kafka_settings: Settings) -> None:
     """Backpressure covers produce latency too: a transaction still open after pause_after_s
     pauses every assigned partition until it has committed."""
-    from pointsman.worker import WorkerOptions
-
     seen_paused: list[tuple[int, int]] = []  # (paused, assigned) at the end of each commit
 
     class SlowProduce(Worker[QueryEvent]):
@@ -304,22 +289,11 @@ async def test_partitions_are_paused_while_a_transaction_is_slow(kafka_settings:
             seen_paused.append((len(self.consumer.paused()), len(self.consumer.assignment())))
             await super()._commit(outputs, offsets)
 
-    worker = SlowProduce(
-        kafka_settings,
-        service="slow-produce",
-        source_topic=kafka_settings.topics.name("queries"),
-        model=QueryEvent,
-        handler=echo_handler(kafka_settings),
-        group_id=f"slow-produce-{uuid.uuid4().hex[:6]}",
-        instance_id="0",
-        options=WorkerOptions(pause_after_s=0.2),
-    )
+    options = WorkerOptions(pause_after_s=0.2)
+    handler = echo_handler(kafka_settings)
+    worker = query_worker(kafka_settings, "slow-produce", handler, options, cls=SlowProduce)
     async with running(worker):
-        producer = AIOKafkaProducer(**client_kwargs(kafka_settings.kafka), acks="all")
-        await producer.start()
-        for n in range(3):
-            await producer.send_and_wait(kafka_settings.topics.name("queries"), good(n), key=b"x")
-        await producer.stop()
+        await send_good(kafka_settings, range(3))
         out = values(await collect(kafka_settings, "responses", 3))
         await wait_for(lambda: _resumed(worker), timeout_s=10)
     assert {o["query_id"] for o in out} == {"good-0", "good-1", "good-2"}

@@ -143,6 +143,16 @@ def _add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
 
 
+def _artifact_dir(args: argparse.Namespace) -> Path:
+    from pointsman_classifier.runtime import default_artifact
+
+    return Path(args.model) if args.model else default_artifact()
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared", default=DEFAULT_SHARED, help=f"public data sets ({DEFAULT_SHARED})")
     p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
@@ -237,40 +247,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not 0.0 <= config.distill_weight <= 1.0 or config.distill_temperature <= 0:
         raise SystemExit("--distill-weight must be within 0-1 and --distill-temperature above 0")
     meta = train(config)
-    print(
-        orjson.dumps(
-            {
-                "out": str(config.out_dir),
-                "model_version": meta["model_version"],
-                "calibration": meta["calibration"],
-                "metrics": meta["metrics"],
-            },
-            option=orjson.OPT_INDENT_2,
-        ).decode()
+    _print_report(
+        {
+            "out": str(config.out_dir),
+            "model_version": meta["model_version"],
+            "calibration": meta["calibration"],
+            "metrics": meta["metrics"],
+        }
     )
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pointsman_classifier.runtime import default_artifact
     from pointsman_classifier.train import recalibrate
 
-    directory = Path(args.model) if args.model else default_artifact()
-    meta = recalibrate(directory, Path(args.shared), Path(args.natural))
-    print(
-        orjson.dumps(
-            {"model_version": meta["model_version"], "calibration": meta["calibration"]},
-            option=orjson.OPT_INDENT_2,
-        ).decode()
-    )
+    meta = recalibrate(_artifact_dir(args), Path(args.shared), Path(args.natural))
+    _print_report({"model_version": meta["model_version"], "calibration": meta["calibration"]})
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pointsman_classifier.runtime import default_artifact
     from pointsman_classifier.train import requantize
 
-    directory = Path(args.model) if args.model else default_artifact()
     fp32 = Path(args.fp32)
     if not fp32.is_file():
         print(
@@ -278,29 +276,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        meta = requantize(directory, fp32, Path(args.shared), Path(args.natural))
+        meta = requantize(_artifact_dir(args), fp32, Path(args.shared), Path(args.natural))
     except ValueError as exc:
         print(f"quantize: {exc}", file=sys.stderr)
         return 2
-    print(
-        orjson.dumps(
-            {
-                "model_version": meta["model_version"],
-                "int8_fp32_agreement": meta["metrics"]["int8_fp32_agreement"],
-                "calibration": meta["calibration"],
-            },
-            option=orjson.OPT_INDENT_2,
-        ).decode()
+    _print_report(
+        {
+            "model_version": meta["model_version"],
+            "int8_fp32_agreement": meta["metrics"]["int8_fp32_agreement"],
+            "calibration": meta["calibration"],
+        }
     )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pointsman_classifier.evaluate import EvalConfig, evaluate, metrics_summary
-    from pointsman_classifier.runtime import ArtifactError, default_artifact
+    from pointsman_classifier.runtime import ArtifactError
 
     config = EvalConfig(
-        model_dir=Path(args.model) if args.model else default_artifact(),
+        model_dir=_artifact_dir(args),
         shared_dir=Path(args.shared),
         natural_dir=Path(args.natural),
         card=Path(args.card),
@@ -317,15 +312,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"eval: {exc} (install the classifier's eval extra)", file=sys.stderr)
         return 2
     summary = metrics_summary(report)
-    print(
-        orjson.dumps(
-            {
-                "card": str(config.card),
-                "plots": str(config.plots_dir),
-                "model_version": report.metadata["model_version"],
-                "targets": summary["targets"],
-            },
-            option=orjson.OPT_INDENT_2,
-        ).decode()
+    _print_report(
+        {
+            "card": str(config.card),
+            "plots": str(config.plots_dir),
+            "model_version": report.metadata["model_version"],
+            "targets": summary["targets"],
+        }
     )
     return 0

@@ -470,14 +470,21 @@ CALIBRATION_SUFFIX = re.compile(r"-cal[0-9a-f]{6}$")
 
 
 def recalibrate(
-    directory: Path, shared_dir: Path, natural_dir: Path, cap: int = 400, seed: int = 13
+    directory: Path,
+    shared_dir: Path,
+    natural_dir: Path,
+    cap: int = 400,
+    seed: int = 13,
+    examples: list[data.Example] | None = None,
 ) -> dict[str, Any]:
     """Fit the calibration of an existing artifact again (no training, no torch) and write it
     into its metadata. The weights are unchanged but the decisions are not, so the model version
-    gets a suffix naming the calibration, and the stored evaluation, now stale, is dropped."""
+    gets a suffix naming the calibration, and the stored evaluation, now stale, is dropped.
+    ``examples``: the data already loaded from ``shared_dir`` and ``natural_dir``, if any."""
     model = ClassifierModel.load(directory)
     meta = dict(model.metadata)
-    examples = data.load_all(shared_dir, natural_dir)
+    if examples is None:
+        examples = data.load_all(shared_dir, natural_dir)
     meta["calibration"] = fit_calibration(model, examples, cap, seed)
     digest = hashlib.sha256(json.dumps(meta["calibration"], sort_keys=True).encode()).hexdigest()[
         :6
@@ -538,8 +545,8 @@ def requantize(
     than 99% of the test rows (the artifact is then left as it was)."""
     model = ClassifierModel.load(directory)
     meta = dict(model.metadata)
-    recorded = meta.get("fp32_sha256")
-    if recorded is not None and recorded != sha256_file(fp32):
+    fp32_sha256 = sha256_file(fp32)
+    if meta.get("fp32_sha256", fp32_sha256) != fp32_sha256:
         raise ValueError(f"{fp32} is not the fp32 export of {directory} (sha256 differs)")
     examples = data.load_all(shared_dir, natural_dir)
     with tempfile.TemporaryDirectory(prefix="pointsman-quantize-") as work:
@@ -551,12 +558,12 @@ def requantize(
         if min(agreement["domain"], agreement["risk"]) < min_agreement:
             raise ValueError(f"int8 agrees with fp32 on too few test rows: {agreement}")
         shutil.copyfile(candidate, directory / "model.onnx")
-    meta["files"] = dict(meta["files"], **{"model.onnx": sha256_file(directory / "model.onnx")})
+    meta["files"] = {**meta["files"], "model.onnx": sha256_file(directory / "model.onnx")}
     meta["model_version"] = weights_version(meta["base_model"], meta["files"]["model.onnx"])
-    meta["fp32_sha256"] = sha256_file(fp32)
-    meta["metrics"] = dict(meta.get("metrics", {}), int8_fp32_agreement=agreement)
+    meta["fp32_sha256"] = fp32_sha256
+    meta["metrics"] = {**meta.get("metrics", {}), "int8_fp32_agreement": agreement}
     (directory / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return recalibrate(directory, shared_dir, natural_dir, seed=seed)
+    return recalibrate(directory, shared_dir, natural_dir, seed=seed, examples=examples)
 
 
 def weights_version(base_model: str, model_sha256: str) -> str:
