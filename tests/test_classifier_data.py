@@ -69,13 +69,19 @@ def test_dedup_keeps_the_most_held_out_copy_and_masks_conflicts() -> None:
     assert malware.domain is None and malware.risk == "harmful" and malware.split == "validation"
 
 
-def test_training_rows_cap_sources_and_repeat_natural() -> None:
+def test_training_rows_cap_sources_and_repeat_natural_and_named_sources() -> None:
     rows = [data.Example(f"q{i}", "medical", "none", "medquad", "train") for i in range(50)]
     rows += [data.Example(f"n{i}", "legal", "none", "natural/legal", "train") for i in range(5)]
     rows += [data.Example("held out", "legal", "none", "natural/legal", "test")]
-    out = data.training_rows(rows, seed=1, caps={"medquad": 10}, natural_repeat=3)
+    rows += [data.Example(f"h{i}", None, "harmful", "advbench", "train") for i in range(4)]
+    out = data.training_rows(
+        rows, seed=1, caps={"medquad": 10}, natural_repeat=3, repeats={"advbench": 2}
+    )
     counts = Counter(e.source for e in out)
-    assert counts == {"medquad": 10, "natural/legal": 15}
+    assert counts == {"medquad": 10, "natural/legal": 15, "advbench": 8}
+    default = Counter(e.source for e in data.training_rows(rows, seed=1, caps={"medquad": 10}))
+    assert default["advbench"] == 4 * data.DEFAULT_REPEATS.get("advbench", 1)
+    assert default["natural/legal"] == 5 * data.NATURAL_REPEAT
     assert all(e.split == "train" for e in out)
     assert data.training_rows(rows, seed=1, caps={"medquad": 10}) == data.training_rows(
         rows, seed=1, caps={"medquad": 10}
@@ -115,3 +121,13 @@ def test_the_real_data_loads_with_every_label_and_no_test_text_in_train() -> Non
 def test_a_missing_data_folder_is_an_error_not_an_empty_set(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no \*\.jsonl"):
         data.load_all(tmp_path / "absent", tmp_path)
+
+
+def test_train_repeat_option_parses_pairs_and_refuses_bad_ones() -> None:
+    from pointsman_classifier.cli import _source_repeats
+
+    assert _source_repeats(["advbench=3", "xstest=2"]) == {"advbench": 3, "xstest": 2}
+    assert _source_repeats([]) == {}
+    for bad in ("advbench", "advbench=0", "=3", "advbench=x"):
+        with pytest.raises(SystemExit, match="SOURCE=N"):
+            _source_repeats([bad])

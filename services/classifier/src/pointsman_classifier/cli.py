@@ -73,6 +73,13 @@ def register(sub: Any) -> None:
         help="share of the loss that follows the teacher (0-1, default 0.5)",
     )
     p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument(
+        "--repeat",
+        action="append",
+        default=[],
+        metavar="SOURCE=N",
+        help="show a source's training rows N times per epoch (repeatable; natural rows: 4)",
+    )
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
@@ -221,6 +228,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_repeats(items: list[str]) -> dict[str, int]:
+    """``SOURCE=N`` pairs into a dict; a malformed pair stops the run with a clear message."""
+    out: dict[str, int] = {}
+    for item in items:
+        source, _, count = item.partition("=")
+        if not source or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--repeat takes SOURCE=N with N >= 1, got {item!r}")
+        out[source] = int(count)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pointsman_classifier.runtime import default_artifact
     from pointsman_classifier.train import TrainConfig, train
@@ -243,6 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         teacher=Path(args.teacher) if args.teacher else None,
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
+        repeats=_source_repeats(args.repeat),
     )
     if not 0.0 <= config.distill_weight <= 1.0 or config.distill_temperature <= 0:
         raise SystemExit("--distill-weight must be within 0-1 and --distill-temperature above 0")

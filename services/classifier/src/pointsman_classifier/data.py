@@ -179,6 +179,10 @@ DEFAULT_CAPS: dict[str, int] = {
     "mmlu_domains": 4000,
 }
 NATURAL_REPEAT = 4  # the team's natural queries are the realistic distribution: seen 4x per epoch
+# Public sources seen more than once per epoch (``pointsman train --repeat SOURCE=N``). None by
+# default: repeating the small harmful and self-harm sources 3x was tried and did not help
+# (docs/classifier.md).
+DEFAULT_REPEATS: dict[str, int] = {}
 
 
 def training_rows(
@@ -186,9 +190,12 @@ def training_rows(
     seed: int = 13,
     caps: dict[str, int] | None = None,
     natural_repeat: int = NATURAL_REPEAT,
+    repeats: dict[str, int] | None = None,
 ) -> list[Example]:
-    """The train split, capped per source, natural rows repeated, shuffled deterministically."""
+    """The train split, capped per source, natural rows and the ``repeats`` sources repeated,
+    shuffled deterministically."""
     caps = DEFAULT_CAPS if caps is None else caps
+    repeats = DEFAULT_REPEATS if repeats is None else repeats
     rng = random.Random(seed)
     by_source: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
@@ -200,7 +207,7 @@ def training_rows(
         cap = caps.get(source)
         if cap is not None and len(items) > cap:
             items = rng.sample(items, cap)
-        repeat = natural_repeat if source.startswith("natural/") else 1
+        repeat = natural_repeat if source.startswith("natural/") else repeats.get(source, 1)
         rows.extend(items * repeat)
     rng.shuffle(rows)
     return rows

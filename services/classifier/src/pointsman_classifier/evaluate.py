@@ -484,7 +484,7 @@ def _recall_ci(c: RiskClassReport) -> str:
 
 def data_summary(examples: list[data.Example], metadata: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows per source and split, and the training rows one epoch saw (recomputed from the
-    artifact's training config: caps, natural repeat, seed, max_rows)."""
+    artifact's training config: caps, repeats, seed, max_rows)."""
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     domain_rows: Counter[str] = Counter()
     for e in examples:
@@ -498,6 +498,7 @@ def data_summary(examples: list[data.Example], metadata: dict[str, Any]) -> list
             int(cfg.get("seed", 13)),
             dict(cfg.get("caps", data.DEFAULT_CAPS)),
             int(cfg.get("natural_repeat", data.NATURAL_REPEAT)),
+            dict(cfg.get("repeats", {})),  # artifacts from before per-source repeats had none
         )
         if cfg.get("max_rows") is not None:
             rows = rows[: int(cfg["max_rows"])]

@@ -69,6 +69,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
     natural_repeat: int = data.NATURAL_REPEAT
+    repeats: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_REPEATS))
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
@@ -194,7 +195,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("config %s", json.dumps({k: str(v) for k, v in asdict(config).items()}))
 
     examples = data.load_all(config.shared_dir, config.natural_dir)
-    rows = data.training_rows(examples, config.seed, config.caps, config.natural_repeat)
+    rows = data.training_rows(
+        examples, config.seed, config.caps, config.natural_repeat, config.repeats
+    )
     if config.max_rows is not None:
         rows = rows[: config.max_rows]
     log.info("examples %d, training rows %d", len(examples), len(rows))
