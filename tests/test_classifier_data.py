@@ -80,7 +80,7 @@ def test_training_rows_cap_sources_and_repeat_natural_and_named_sources() -> Non
     counts = Counter(e.source for e in out)
     assert counts == {"medquad": 10, "natural/legal": 15, "advbench": 8}
     default = Counter(e.source for e in data.training_rows(rows, seed=1, caps={"medquad": 10}))
-    assert default["advbench"] == 4 * data.DEFAULT_REPEATS.get("advbench", 1)
+    assert default["advbench"] == 4  # no public source is repeated by default
     assert default["natural/legal"] == 5 * data.NATURAL_REPEAT
     assert all(e.split == "train" for e in out)
     assert data.training_rows(rows, seed=1, caps={"medquad": 10}) == data.training_rows(

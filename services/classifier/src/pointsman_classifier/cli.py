@@ -14,6 +14,7 @@ import orjson
 DEFAULT_SHARED = "../shared/datasets"
 DEFAULT_NATURAL = "data/natural"
 DEFAULT_CARD = "docs/model-card.md"
+DEFAULT_FP32 = ".state/classifier/model.fp32.onnx"  # kept by train, read by quantize
 DEFAULT_PLOTS = "docs/model-card/"
 
 
@@ -85,7 +86,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
     p.add_argument(
         "--keep-fp32",
-        default=".state/classifier/model.fp32.onnx",
+        default=DEFAULT_FP32,
         help="also keep the fp32 ONNX here, outside the artifact ('' for no)",
     )
     p.set_defaults(func=cmd_train)
@@ -113,8 +114,8 @@ def register(sub: Any) -> None:
     _add_data_arguments(p)
     p.add_argument(
         "--fp32",
-        default=".state/classifier/model.fp32.onnx",
-        help="the artifact's fp32 export (default .state/classifier/model.fp32.onnx)",
+        default=DEFAULT_FP32,
+        help=f"the artifact's fp32 export (default {DEFAULT_FP32})",
     )
     p.set_defaults(func=cmd_quantize)
 

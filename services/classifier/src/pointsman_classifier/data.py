@@ -179,10 +179,6 @@ DEFAULT_CAPS: dict[str, int] = {
     "mmlu_domains": 4000,
 }
 NATURAL_REPEAT = 4  # the team's natural queries are the realistic distribution: seen 4x per epoch
-# Public sources seen more than once per epoch (``pointsman train --repeat SOURCE=N``). None by
-# default: repeating the small harmful and self-harm sources 3x was tried and did not help
-# (docs/classifier.md).
-DEFAULT_REPEATS: dict[str, int] = {}
 
 
 def training_rows(
@@ -193,9 +189,11 @@ def training_rows(
     repeats: dict[str, int] | None = None,
 ) -> list[Example]:
     """The train split, capped per source, natural rows and the ``repeats`` sources repeated,
-    shuffled deterministically."""
+    shuffled deterministically. No public source is repeated by default (``pointsman train
+    --repeat SOURCE=N``): repeating the small harmful and self-harm sources 3x was tried and did
+    not help (docs/classifier.md)."""
     caps = DEFAULT_CAPS if caps is None else caps
-    repeats = DEFAULT_REPEATS if repeats is None else repeats
+    repeats = repeats or {}
     rng = random.Random(seed)
     by_source: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:

@@ -69,7 +69,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
     natural_repeat: int = data.NATURAL_REPEAT
-    repeats: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_REPEATS))
+    repeats: dict[str, int] = field(default_factory=dict)  # source -> times per epoch
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
