@@ -238,6 +238,23 @@ def test_a_student_learns_from_a_teacher_artifact(
     assert len(ClassifierModel.load(out).predict(["a poem about my chemo"])) == 1
 
 
+def test_a_soup_trains_one_model_per_seed_and_averages_them(
+    tiny_train_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    from pointsman_classifier.train import train
+
+    out = tmp_path / "soup"
+    config = tiny_train_config(out, max_rows=100, agreement_rows=100, calibration_cap=20, soup=[7])
+    meta = train(config)
+    log = (out / "train.log").read_text()
+    assert "training with seed 13 (1 of 2)" in log and "training with seed 7 (2 of 2)" in log
+    assert "model soup:" in log
+    assert meta["training"]["config"]["soup"] == [7]
+    assert len(ClassifierModel.load(out).predict(["a poem about my chemo"])) == 1
+    with pytest.raises(ValueError, match="distinct seeds"):
+        train(tiny_train_config(tmp_path / "twice", soup=[13]))
+
+
 def test_recalibration_rewrites_calibration_and_names_it_in_the_version(
     tiny_artifact: Path, tmp_path: Path
 ) -> None:

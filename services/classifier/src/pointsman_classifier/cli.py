@@ -82,6 +82,14 @@ def register(sub: Any) -> None:
         help="show a source's training rows N times per epoch (repeatable; natural rows: 4)",
     )
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument(
+        "--soup",
+        action="append",
+        type=int,
+        default=[],
+        metavar="SEED",
+        help="also train with this seed and average the models' weights (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-rows", type=int, default=None, help="cap training rows (smoke runs)")
     p.add_argument(
@@ -263,7 +271,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
         repeats=_source_repeats(args.repeat),
+        soup=args.soup,
     )
+    if len({config.seed, *config.soup}) != 1 + len(config.soup):
+        raise SystemExit("--soup takes seeds other than --seed and each other")
     if not 0.0 <= config.distill_weight <= 1.0 or config.distill_temperature <= 0:
         raise SystemExit("--distill-weight must be within 0-1 and --distill-temperature above 0")
     meta = train(config)

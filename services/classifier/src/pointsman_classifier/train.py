@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pointsman_classifier import calibrate, data
+from pointsman_classifier import calibrate, data, soup
 from pointsman_classifier.labels import DOMAINS, RISKS
 from pointsman_classifier.runtime import ClassifierModel, pad_ids, sha256_file
 
@@ -70,6 +70,7 @@ class TrainConfig:
     caps: dict[str, int] = field(default_factory=lambda: dict(data.DEFAULT_CAPS))
     natural_repeat: int = data.NATURAL_REPEAT
     repeats: dict[str, int] = field(default_factory=dict)  # source -> times per epoch
+    soup: list[int] = field(default_factory=list)  # more seeds, their weights averaged with seed's
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
@@ -178,30 +179,62 @@ def _log_setup(out_dir: Path) -> logging.FileHandler:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
+    """Train (one model per seed; several are averaged into a soup), export, quantize,
+    calibrate, and write the artifact into ``config.out_dir``."""
+    config.base = config.base or default_base()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _log_setup(config.out_dir)
+    started = time.monotonic()
+    log.info("config %s", json.dumps({k: str(v) for k, v in asdict(config).items()}))
+    examples = data.load_all(config.shared_dir, config.natural_dir)
+    tokenizer = load_tokenizer(config)
+    work = Path(tempfile.mkdtemp(prefix="pointsman-export-"))
+    try:
+        fp32 = work / "model.fp32.onnx"
+        seeds = [config.seed, *config.soup]
+        members = [work / f"member-{seed}.onnx" for seed in seeds]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"a soup needs distinct seeds, got {seeds}")
+        for n, (seed, member) in enumerate(zip(seeds, members, strict=True), 1):
+            log.info("training with seed %d (%d of %d)", seed, n, len(seeds))
+            fit(replace(config, seed=seed, soup=[]), examples, tokenizer, member)
+        averaged = soup.average_weights(members, fp32)
+        if len(members) > 1:
+            log.info("model soup: %d weight tensors averaged over seeds %s", averaged, seeds)
+        artifact = write_artifact(config, fp32, tokenizer, examples, work)
+        if config.keep_fp32:
+            config.keep_fp32.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(fp32, config.keep_fp32)
+            log.info("fp32 model kept at %s", config.keep_fp32)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    artifact["training"]["seconds"] = round(time.monotonic() - started, 1)
+    (config.out_dir / "metadata.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    log.info("done in %.1fs: %s", time.monotonic() - started, config.out_dir)
+    log.removeHandler(handler)
+    handler.close()
+    return artifact
+
+
+def fit(config: TrainConfig, examples: list[data.Example], tokenizer: Any, fp32: Path) -> None:
+    """Fine-tune one model with ``config.seed`` (data sample and order, initialisation, dropout)
+    and export it to ``fp32`` (ONNX)."""
     import torch
     from tqdm import tqdm
 
     from pointsman_classifier.modeling import TwoHeadClassifier, export_onnx, load_encoder
 
-    config.base = config.base or default_base()
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _log_setup(config.out_dir)
-    started = time.monotonic()
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    log.info("config %s", json.dumps({k: str(v) for k, v in asdict(config).items()}))
-
-    examples = data.load_all(config.shared_dir, config.natural_dir)
     rows = data.training_rows(
         examples, config.seed, config.caps, config.natural_repeat, config.repeats
     )
     if config.max_rows is not None:
         rows = rows[: config.max_rows]
     log.info("examples %d, training rows %d", len(examples), len(rows))
-    tokenizer = load_tokenizer(config)
     ids = encode(tokenizer, [r.text for r in rows])
     d_index = {d: i for i, d in enumerate(DOMAINS)}
     r_index = {r: i for i, r in enumerate(RISKS)}
@@ -281,24 +314,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 running = 0.0
     progress.close()
     model.eval()
-
-    work = Path(tempfile.mkdtemp(prefix="pointsman-export-"))
-    try:
-        fp32 = work / "model.fp32.onnx"
-        export_onnx(model, fp32)
-        artifact = write_artifact(config, fp32, tokenizer, examples, work)
-        if config.keep_fp32:
-            config.keep_fp32.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(fp32, config.keep_fp32)
-            log.info("fp32 model kept at %s", config.keep_fp32)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    artifact["training"]["seconds"] = round(time.monotonic() - started, 1)
-    (config.out_dir / "metadata.json").write_text(json.dumps(artifact, indent=2) + "\n")
-    log.info("done in %.1fs: %s", time.monotonic() - started, config.out_dir)
-    log.removeHandler(handler)
-    handler.close()
-    return artifact
+    export_onnx(model, fp32)
 
 
 FFN_DOWN = re.compile(r"layer\.(\d+)/(output/dense|ffn/lin2)/MatMul$")  # BERT, DistilBERT
