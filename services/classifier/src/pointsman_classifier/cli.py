@@ -273,8 +273,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         repeats=_source_repeats(args.repeat),
         soup=args.soup,
     )
-    if len({config.seed, *config.soup}) != 1 + len(config.soup):
-        raise SystemExit("--soup takes seeds other than --seed and each other")
+    try:
+        config.seeds()
+    except ValueError as exc:
+        raise SystemExit(f"--soup: {exc}") from None
     if not 0.0 <= config.distill_weight <= 1.0 or config.distill_temperature <= 0:
         raise SystemExit("--distill-weight must be within 0-1 and --distill-temperature above 0")
     meta = train(config)

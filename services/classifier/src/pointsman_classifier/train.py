@@ -72,6 +72,13 @@ class TrainConfig:
     repeats: dict[str, int] = field(default_factory=dict)  # source -> times per epoch
     soup: list[int] = field(default_factory=list)  # more seeds, their weights averaged with seed's
 
+    def seeds(self) -> list[int]:
+        """One model is trained per seed: ``seed``, then the ``soup`` seeds (all distinct)."""
+        seeds = [self.seed, *self.soup]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"a soup needs distinct seeds, got {seeds}")
+        return seeds
+
 
 def load_tokenizer(config: TrainConfig) -> Any:
     from tokenizers import Tokenizer
@@ -181,6 +188,7 @@ def _log_setup(out_dir: Path) -> logging.FileHandler:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (one model per seed; several are averaged into a soup), export, quantize,
     calibrate, and write the artifact into ``config.out_dir``."""
+    seeds = config.seeds()
     config.base = config.base or default_base()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     handler = _log_setup(config.out_dir)
@@ -191,10 +199,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="pointsman-export-"))
     try:
         fp32 = work / "model.fp32.onnx"
-        seeds = [config.seed, *config.soup]
         members = [work / f"member-{seed}.onnx" for seed in seeds]
-        if len(set(seeds)) < len(seeds):
-            raise ValueError(f"a soup needs distinct seeds, got {seeds}")
         for n, (seed, member) in enumerate(zip(seeds, members, strict=True), 1):
             log.info("training with seed %d (%d of %d)", seed, n, len(seeds))
             fit(replace(config, seed=seed, soup=[]), examples, tokenizer, member)
