@@ -260,6 +260,7 @@ def test_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "domain macro-F1 ≥ 0.95" in text and "jailbreak recall ≥ 0.90" in text
     assert before["files"]["model.onnx"] in text
     assert "XSTest safe prompts" in text and "natural/risk_hard_negatives" in text
+    assert "make train   # pointsman train --seed 13: fine-tune" in text  # the artifact's seeds
     for name in (
         "confusion_public",
         "confusion_natural",
@@ -282,3 +283,14 @@ def test_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*argv, "--no-update-metadata"]) == 0
     assert card.read_text() == text
     assert json.loads((artifact / "metadata.json").read_text()) == after
+
+
+def test_the_card_names_the_seeds_that_rebuild_the_artifact() -> None:
+    from pointsman_classifier.model_card import train_command
+
+    assert (
+        train_command({"seed": 13, "soup": [14, 15]})
+        == "pointsman train --seed 13 --soup 14 --soup 15"
+    )
+    assert train_command({"seed": 7, "soup": []}) == "pointsman train --seed 7"
+    assert train_command({}) == "pointsman train --seed 13"  # artifacts from before soups

@@ -1,5 +1,5 @@
-"""`pointsman classify`, `train`, `calibrate`, `quantize`, `eval`: the classifier model's
-commands."""
+"""`pointsman classify`, `train`, `calibrate`, `quantize`, `eval`, `check-batch`: the classifier
+model's commands."""
 
 from __future__ import annotations
 
@@ -154,6 +154,21 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "check-batch",
+        help="check a folder of new team rows before they join data/natural",
+        description="Checks every *.jsonl row of a batch folder: the five keys and known labels, "
+        "no copy of an existing or earlier row (up to case, white space and punctuation), and no "
+        "paraphrase of an existing row across the split (TF-IDF cosine over word 1-2 grams at or "
+        "above --threshold where either row is validation or test). Exit status 1 when a row "
+        "fails, unless --drop removes the failing rows from the batch files.",
+    )
+    p.add_argument("batch", help="folder of new *.jsonl files, e.g. data/natural/unused/batch5")
+    p.add_argument("--natural", default=DEFAULT_NATURAL, help=f"team data ({DEFAULT_NATURAL})")
+    p.add_argument("--threshold", type=float, default=None, help="cosine cut (default 0.45)")
+    p.add_argument("--drop", action="store_true", help="rewrite the batch without failing rows")
+    p.set_defaults(func=cmd_check_batch)
+
 
 def _add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="artifact folder (default: the packaged model)")
@@ -289,6 +304,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         }
     )
     return 0
+
+
+def cmd_check_batch(args: argparse.Namespace) -> int:
+    from pointsman_classifier import batchcheck
+
+    batch, natural = Path(args.batch), Path(args.natural)
+    for folder in (batch, natural):
+        if not any(folder.glob("*.jsonl")):
+            raise SystemExit(f"no *.jsonl files in {folder}")
+    threshold = batchcheck.DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    rows, problems = batchcheck.check_batch(batch, natural, threshold)
+    for p in problems:
+        print(f"{p.row.file}:{p.row.line}: {p.reason}: {p.row.text[:80]!r}: {p.detail}")
+    dropped = batchcheck.drop(batch, problems) if args.drop and problems else 0
+    print(f"{len(rows)} rows checked, {len(problems)} failed, {dropped} dropped", file=sys.stderr)
+    return 1 if problems and not args.drop else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

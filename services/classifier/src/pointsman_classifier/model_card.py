@@ -212,7 +212,17 @@ def render_card(report: Report, config: EvalConfig) -> str:
         ["sha256 model.onnx", f"`{meta['files'].get('model.onnx', '')}`"],
         ["sha256 tokenizer.json", f"`{meta['files'].get('tokenizer.json', '')}`"],
     ]
-    for key in ("epochs", "batch_size", "lr", "head_lr", "layers", "max_rows", "seed", "threads"):
+    for key in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "head_lr",
+        "layers",
+        "max_rows",
+        "seed",
+        "soup",
+        "threads",
+    ):
         if key in cfg:
             model_rows.append([f"training {key}", cfg[key]])
     if "seconds" in training:
@@ -554,7 +564,7 @@ def render_card(report: Report, config: EvalConfig) -> str:
     add("## How to reproduce")
     add("")
     add("```sh")
-    add("make train   # pointsman train: fine-tune, export int8 ONNX, calibrate")
+    add(f"make train   # {train_command(cfg)}: fine-tune, export int8 ONNX, calibrate")
     add("make eval    # pointsman eval: this card, the plots, the figures in metadata.json")
     add("```")
     add("")
@@ -570,6 +580,14 @@ def render_card(report: Report, config: EvalConfig) -> str:
     )
     add("")
     return "\n".join(out)
+
+
+def train_command(cfg: dict[str, object]) -> str:
+    """The `pointsman train` seeds that rebuild this artifact (one model, or a soup of several)."""
+    seed = cfg.get("seed", 13)
+    soup = cfg.get("soup") or []
+    extra = "".join(f" --soup {s}" for s in soup) if isinstance(soup, list) else ""
+    return f"pointsman train --seed {seed}{extra}"
 
 
 def limitations(report: Report) -> list[str]:
