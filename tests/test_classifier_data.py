@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pointsman_classifier import data
+from pointsman_classifier import batchcheck, data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -116,6 +116,18 @@ def test_the_real_data_loads_with_every_label_and_no_test_text_in_train() -> Non
     assert {e.risk for e in train} == {"none", "jailbreak", "self_harm", "harmful"}
     natural_test = [e for e in examples if e.source.startswith("natural/") and e.split == "test"]
     assert len(natural_test) > 700
+
+
+def test_the_rows_waiting_in_unused_pass_the_batch_check() -> None:
+    """Batches are checked before they join data/natural (`pointsman check-batch`); the ones
+    waiting must stay clean against today's data, copies and cross-split paraphrases included."""
+    natural = ROOT / "data" / "natural"
+    batches = sorted(p for p in (natural / "unused").iterdir() if any(p.glob("*.jsonl")))
+    assert batches
+    for batch in batches:
+        rows, problems = batchcheck.check_batch(batch, natural)
+        assert len(rows) > 500, batch
+        assert problems == [], batch
 
 
 def test_a_missing_data_folder_is_an_error_not_an_empty_set(tmp_path: Path) -> None:
