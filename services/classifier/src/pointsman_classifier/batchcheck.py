@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pointsman_classifier.data import natural_split
-from pointsman_classifier.labels import DOMAINS, RISKS
+from pointsman_classifier.data import label_error, natural_split
 
 KEYS = {"text", "domain", "risk", "kind", "author"}
 KINDS = {
@@ -85,8 +84,9 @@ def format_error(obj: object) -> str | None:
         return f"keys must be exactly {sorted(KEYS)}"
     if not isinstance(obj["text"], str) or not obj["text"].strip():
         return "empty text"
-    if obj["domain"] not in DOMAINS or obj["risk"] not in RISKS:
-        return f"unknown label {obj['domain']}/{obj['risk']}"
+    label = label_error(obj)
+    if label:
+        return label
     if obj["kind"] not in KINDS:
         return f"unknown kind {obj['kind']!r}"
     return None
@@ -148,16 +148,16 @@ def check_batch(
         sims = similarities(vectors[: len(kept)], vectors[len(kept) :])
         old_split = [natural_split(r.text) for r in old]
         for i, r in enumerate(kept):
-            held_out_new = natural_split(r.text) != "train"
+            new_split = natural_split(r.text)
             for j in np.flatnonzero(sims[i] >= threshold):
-                if held_out_new or old_split[j] != "train":
+                if new_split != "train" or old_split[j] != "train":
                     o = old[j]
                     problems.append(
                         Problem(
                             r,
                             "paraphrase",
                             f"cosine {sims[i, j]:.2f} to {o.file}:{o.line} "
-                            f"({old_split[j]}; this row: {natural_split(r.text)}): {o.text!r}",
+                            f"({old_split[j]}; this row: {new_split}): {o.text!r}",
                         )
                     )
                     break

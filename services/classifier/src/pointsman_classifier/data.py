@@ -26,6 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pointsman_classifier.labels import DOMAINS, RISKS
 
@@ -94,11 +95,17 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, str]]:
         for n, line in enumerate(f, 1):
             if line.strip():
                 row = json.loads(line)
-                if row.get("domain") not in DOMAINS or row.get("risk") not in RISKS:
-                    raise ValueError(
-                        f"{path}:{n}: unknown label {row.get('domain')}/{row.get('risk')}"
-                    )
+                error = label_error(row)
+                if error:
+                    raise ValueError(f"{path}:{n}: {error}")
                 yield row
+
+
+def label_error(row: dict[str, Any]) -> str | None:
+    """Why a row's domain/risk pair is not a known label pair, or None."""
+    if row.get("domain") not in DOMAINS or row.get("risk") not in RISKS:
+        return f"unknown label {row.get('domain')}/{row.get('risk')}"
+    return None
 
 
 def load_shared(directory: Path) -> list[Example]:
