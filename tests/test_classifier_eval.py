@@ -261,6 +261,9 @@ def test_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert before["files"]["model.onnx"] in text
     assert "XSTest safe prompts" in text and "natural/risk_hard_negatives" in text
     assert "make train   # pointsman train --seed 13: fine-tune" in text  # the artifact's seeds
+    import onnxruntime
+
+    assert f"onnxruntime {onnxruntime.__version__}, exact int8 products" in text  # where scored
     for name in (
         "confusion_public",
         "confusion_natural",
@@ -294,3 +297,17 @@ def test_the_card_names_the_seeds_that_rebuild_the_artifact() -> None:
     )
     assert train_command({"seed": 7, "soup": []}) == "pointsman train --seed 7"
     assert train_command({}) == "pointsman train --seed 13"  # artifacts from before soups
+
+
+def test_int8_cpu_features_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from pointsman_classifier.runtime import int8_cpu_features
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n\n"
+        "processor\t: 1\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n"
+    )
+    assert int8_cpu_features(cpuinfo) == ["avx2", "avx512f", "avx512_vnni"]
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 ssse3\n")
+    assert int8_cpu_features(cpuinfo) == []
+    assert int8_cpu_features(tmp_path / "absent") == []

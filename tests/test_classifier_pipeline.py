@@ -375,3 +375,41 @@ def test_nan_guards_around_softmax_are_dropped_and_nothing_else(tmp_path: Path) 
     assert model.graph.node[-2].input[0] == "p" and model.graph.node[-1].input[1] == "p"
     assert [i.name for i in model.graph.initializer] == ["one"]
     np.testing.assert_array_equal(run(model), before)
+
+
+def test_int8_matmul_is_exact_on_every_x86_cpu(tmp_path: Path) -> None:
+    """onnxruntime's fast U8S8 kernel on x86 CPUs without VNNI (AVX2, AVX-512F) adds pairs of
+    u8 x s8 products in 16 bits, which saturate: 255 * 127 * 2 > 32767. The serving session must
+    use the exact path, or the model's decisions depend on the CPU it runs on."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pointsman_classifier.runtime import open_session
+
+    k, n = 64, 4
+    w = np.full((k, n), 127, dtype=np.int8)
+    w[:, 1::2] = -127
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                ["x", "w", "w_scale", "w_zero"],
+                ["y"],
+                domain="com.microsoft",
+            )
+        ],
+        "saturation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([1.0], np.float32), "w_scale"),
+            numpy_helper.from_array(np.array([0], np.int8), "w_zero"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp_path / "m.onnx"))
+    # 0..255 quantize exactly (scale 1, zero point 0), so the int8 product is exact arithmetic
+    x = np.full((2, k), 255.0, dtype=np.float32)
+    x[1, ::3] = 0.0
+    (y,) = open_session(tmp_path / "m.onnx").run(None, {"x": x})
+    np.testing.assert_array_equal(y, x @ w.astype(np.float32))

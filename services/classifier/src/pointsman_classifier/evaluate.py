@@ -37,7 +37,7 @@ from pointsman_classifier.metrics import (
     roc_auc,
     wilson_interval,
 )
-from pointsman_classifier.runtime import ClassifierModel
+from pointsman_classifier.runtime import ClassifierModel, inference_environment
 from pointsman_classifier.train import batched_logits, is_hard_benign
 
 COVERAGE_LEVELS = (1.0, 0.95, 0.9, 0.8, 0.5)
@@ -227,6 +227,7 @@ class Report:
     data_summary: list[dict[str, Any]]
     data_fingerprint: str
     max_rows_per_source: int | None
+    environment: dict[str, Any] = field(default_factory=dict)  # runtime.inference_environment
     plots: dict[str, str] = field(default_factory=dict)
 
 
@@ -593,6 +594,7 @@ def evaluate(config: EvalConfig) -> Report:
         data_summary=data_summary(examples, model.metadata),
         data_fingerprint=data.fingerprint(config.shared_dir, config.natural_dir),
         max_rows_per_source=config.max_rows_per_source,
+        environment=inference_environment(),
     )
     if config.plots:
         report.plots = write_plots(report, config.plots_dir)

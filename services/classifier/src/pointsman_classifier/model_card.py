@@ -227,6 +227,16 @@ def render_card(report: Report, config: EvalConfig) -> str:
             model_rows.append([f"training {key}", cfg[key]])
     if "seconds" in training:
         model_rows.append(["training time (s)", training["seconds"]])
+    env = report.environment
+    if env:
+        features = ", ".join(env.get("cpu_int8_features", [])) or "none reported"
+        model_rows.append(
+            [
+                "scored with",
+                f"onnxruntime {env.get('onnxruntime')}, exact int8 products, on a CPU with "
+                f"int8 features: {features}",
+            ]
+        )
     out += table(["", ""], model_rows)
     add("")
 

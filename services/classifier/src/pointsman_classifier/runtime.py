@@ -47,13 +47,46 @@ def sha256_file(path: Path) -> str:
 # two with the fusion off (test-split mix, int8 artifact; the profile had it at 15% of the time).
 SLOW_FUSIONS = ["SkipLayerNormFusion"]
 
+# On x86 CPUs without VNNI (AVX2, AVX-512F: AMD EPYC before Zen 4, many Xeons) onnxruntime's
+# fast U8S8 matrix multiplication adds pairs of u8 x s8 products in 16 bits, which saturate.
+# This option makes it convert the int8 weights so the products are exact (U8U8), as they are on
+# VNNI CPUs, so the model decides the same on every CPU and `make eval` reproduces the card.
+# Measured on an AVX2-only EPYC: without it, natural test self_harm recall 0.823 -> 0.805 and the
+# stored thresholds no longer recompute; the cost in speed is in docs/classifier.md.
+PRECISE_INT8 = "session.x64quantprecision"
+# The x86 CPU features that decide which int8 kernels onnxruntime runs: AVX2 or AVX-512F alone
+# (the saturating U8S8 path that PRECISE_INT8 replaces), VNNI, or AMX (much faster).
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
-def open_session(path: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session with all graph optimizations except :data:`SLOW_FUSIONS`."""
+
+def int8_cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """Which of :data:`INT8_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo says nothing), so
+    that figures measured on it can say what they were measured with."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    return [f for f in INT8_CPU_FLAGS if f in flags]
+
+
+def inference_environment() -> dict[str, Any]:
+    """What the model's figures depend on besides the artifact: the runtime and the CPU."""
+    return {"onnxruntime": ort.__version__, "cpu_int8_features": int8_cpu_features()}
+
+
+def open_session(
+    path: Path, intra_op_threads: int = 1, *, exact_int8: bool = True
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session with all graph optimizations except :data:`SLOW_FUSIONS`, and
+    exact int8 matrix products on every x86 CPU (:data:`PRECISE_INT8`; ``exact_int8=False`` only
+    for the benchmark that measures what exactness costs)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry(PRECISE_INT8, "1" if exact_int8 else "0")
     return ort.InferenceSession(
         str(path),
         options,
