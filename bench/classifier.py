@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from harness import (  # noqa: E402
     fresh_settings,
+    machine,
     service_env,
     stop_all,
     wait_for_group,
@@ -268,7 +269,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "raw_ort_batch_throughput_before_and_after": {"before": raw_before, "after": raw_after},
         "runs": runs,
         "latency": lats,
-        "machine_cores": os.cpu_count(),
+        "machine": machine(),
         "targets": {
             "msgs_per_s>=1500": best["msgs_per_s"] >= 1500,
             "ratio_to_raw>=0.7": best["msgs_per_s"] / raw_best >= 0.7,

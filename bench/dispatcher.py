@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import pstats
 import random
 import shutil
@@ -64,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from harness import (  # noqa: E402
     fresh_settings,
+    machine,
     service_env,
     stop_all,
     wait_for_group,
@@ -695,20 +695,6 @@ def default_rates(capacity: float) -> list[float]:
     """200/s, and about half the measured capacity when that is clearly different."""
     half = float(max(50, round(capacity / 100) * 50))
     return [200.0] if abs(half - 200) < 100 else [200.0, half]
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

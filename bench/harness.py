@@ -1,5 +1,5 @@
 """What the benchmarks share: a fresh topic prefix on a broker, the environment a service
-process gets, stopping processes cleanly, and writing the figures."""
+process gets, stopping processes cleanly, the machine's description, and writing the figures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import time
@@ -98,3 +99,21 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def machine() -> dict[str, Any]:
+    """The figures' context: CPU model and int8 features, memory, Python, onnxruntime, load."""
+    from pointsman_classifier.runtime import inference_environment
+
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        **inference_environment(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
