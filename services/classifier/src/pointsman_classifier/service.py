@@ -30,7 +30,7 @@ from pointsman.events import QueryEvent, TaggedQueryEvent, Tags
 from pointsman.ops import OpsServer
 from pointsman.replica import add_replica_arguments, run_replica
 from pointsman.worker import Incoming, Outcome, Worker, WorkerOptions, event_record
-from pointsman_classifier.runtime import ClassifierModel, Prediction
+from pointsman_classifier.runtime import ClassifierModel, Prediction, inference_environment
 
 log = logging.getLogger("pointsman.classifier")
 CONTEXT_CHARS = 300
@@ -142,6 +142,7 @@ async def serve(settings: Settings, args: argparse.Namespace) -> int:
             "model_version": model.version,
             "ops_port": ops.port,
             "instance_id": args.instance_id,
+            **inference_environment(),  # speed depends on the CPU's int8 features
         },
     )
     try:
