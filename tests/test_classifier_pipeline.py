@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -413,3 +414,88 @@ def test_int8_matmul_is_exact_on_every_x86_cpu(tmp_path: Path) -> None:
     x[1, ::3] = 0.0
     (y,) = open_session(tmp_path / "m.onnx").run(None, {"x": x})
     np.testing.assert_array_equal(y, x @ w.astype(np.float32))
+
+
+def test_a_stopped_training_run_resumes_bit_for_bit_from_its_checkpoint(
+    tiny_train_config: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped after 5 of its steps and started again continues from the checkpoint of
+    step 4 (not from step 0) and ends with exactly the weights of a run never stopped."""
+    from onnx import numpy_helper
+
+    from pointsman_classifier import data, train
+    from pointsman_classifier.checkpoint import Checkpoints, run_key
+
+    config = tiny_train_config(tmp_path / "out", max_rows=96, batch_size=8, epochs=2)
+    examples = data.load_all(config.shared_dir, config.natural_dir)
+    tokenizer = train.load_tokenizer(config)
+    key = run_key(train.asdict(config), "data", config.seed)
+    steps = 0
+    real_pad = train.pad_ids
+
+    def counting_pad(ids: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return real_pad(ids)
+
+    def stopping_pad(ids: Any) -> Any:
+        if steps == 5:
+            raise KeyboardInterrupt  # the process is stopped during step 6
+        return counting_pad(ids)
+
+    train.fit(config, examples, tokenizer, tmp_path / "whole.onnx")  # never stopped: 24 steps
+    checkpoints = Checkpoints(tmp_path / "ckpt", every=4)
+    monkeypatch.setattr(train, "pad_ids", stopping_pad)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(config, examples, tokenizer, tmp_path / "resumed.onnx", (checkpoints, key))
+    assert checkpoints.load(config.seed, key)["step"] == 4  # type: ignore[index]
+    steps = 0
+    monkeypatch.setattr(train, "pad_ids", counting_pad)
+    train.fit(config, examples, tokenizer, tmp_path / "resumed.onnx", (checkpoints, key))
+    assert steps == 24 - 4
+
+    def weights(path: Path) -> dict[str, np.ndarray]:
+        graph = onnx.load(str(path)).graph
+        return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    whole, resumed = weights(tmp_path / "whole.onnx"), weights(tmp_path / "resumed.onnx")
+    assert whole.keys() == resumed.keys()
+    for name, value in whole.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+    # another run's checkpoint (other learning rate) is not resumed, and is replaced
+    other = run_key(train.asdict(replace(config, lr=1e-4)), "data", config.seed)
+    assert other != key
+    assert checkpoints.load(config.seed, other) is None
+    assert not checkpoints.state_path(config.seed).exists()
+
+
+def test_train_keeps_finished_seeds_and_clears_checkpoints_when_done(
+    tiny_train_config: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soup stopped in its second seed does not train the first seed again; once the artifact
+    is written the checkpoint folder is gone."""
+    from pointsman_classifier import train
+
+    ckpt = tmp_path / "ckpt"
+    config = tiny_train_config(
+        tmp_path / "out", max_rows=48, soup=[14], checkpoint_dir=ckpt, checkpoint_every=2
+    )
+    fitted: list[int] = []
+    real_fit = train.fit
+
+    def fit_once(cfg: Any, *args: Any) -> None:
+        fitted.append(cfg.seed)
+        if cfg.seed == 14 and fitted.count(14) == 1:
+            raise KeyboardInterrupt
+        real_fit(cfg, *args)
+
+    monkeypatch.setattr(train, "fit", fit_once)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config)
+    assert (ckpt / "member-13.onnx").is_file()
+    meta = train.train(config)
+    assert fitted == [13, 14, 14]  # seed 13 came from its kept export
+    assert "already trained" in (tmp_path / "out" / "train.log").read_text()
+    assert meta["training"]["config"].get("checkpoint_dir") is None
+    assert not ckpt.exists()

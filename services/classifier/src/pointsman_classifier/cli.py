@@ -15,6 +15,7 @@ DEFAULT_SHARED = "../shared/datasets"
 DEFAULT_NATURAL = "data/natural"
 DEFAULT_CARD = "docs/model-card.md"
 DEFAULT_FP32 = ".state/classifier/model.fp32.onnx"  # kept by train, read by quantize
+DEFAULT_CHECKPOINTS = ".state/classifier/checkpoints"  # a stopped train resumes from here
 DEFAULT_PLOTS = "docs/model-card/"
 
 
@@ -96,6 +97,15 @@ def register(sub: Any) -> None:
         "--keep-fp32",
         default=DEFAULT_FP32,
         help="also keep the fp32 ONNX here, outside the artifact ('' for no)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        default=DEFAULT_CHECKPOINTS,
+        help="save the training state here and resume a stopped run of the same command "
+        f"from it; removed when the artifact is written ('' for none; {DEFAULT_CHECKPOINTS})",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints"
     )
     p.set_defaults(func=cmd_train)
 
@@ -287,7 +297,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill_temperature=args.distill_temperature,
         repeats=_source_repeats(args.repeat),
         soup=args.soup,
+        checkpoint_dir=Path(args.checkpoints) if args.checkpoints else None,
+        checkpoint_every=args.checkpoint_every,
     )
+    if config.checkpoint_every < 1:
+        raise SystemExit("--checkpoint-every must be at least 1")
     try:
         config.seeds()
     except ValueError as exc:

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pointsman_classifier import calibrate, data, soup
+from pointsman_classifier.checkpoint import Checkpoints, run_key
 from pointsman_classifier.labels import DOMAINS, RISKS
 from pointsman_classifier.runtime import ClassifierModel, pad_ids, sha256_file
 
@@ -71,6 +72,8 @@ class TrainConfig:
     natural_repeat: int = data.NATURAL_REPEAT
     repeats: dict[str, int] = field(default_factory=dict)  # source -> times per epoch
     soup: list[int] = field(default_factory=list)  # more seeds, their weights averaged with seed's
+    checkpoint_dir: Path | None = None  # resume a stopped run from here (checkpoint.py)
+    checkpoint_every: int = 200  # optimizer steps between checkpoints
 
     def seeds(self) -> list[int]:
         """One model is trained per seed: ``seed``, then the ``soup`` seeds (all distinct)."""
@@ -196,13 +199,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("config %s", json.dumps({k: str(v) for k, v in asdict(config).items()}))
     examples = data.load_all(config.shared_dir, config.natural_dir)
     tokenizer = load_tokenizer(config)
+    checkpoints = None
+    if config.checkpoint_dir is not None:
+        checkpoints = Checkpoints(config.checkpoint_dir, config.checkpoint_every)
+        fingerprint = data.fingerprint(config.shared_dir, config.natural_dir)
     work = Path(tempfile.mkdtemp(prefix="pointsman-export-"))
     try:
         fp32 = work / "model.fp32.onnx"
         members = [work / f"member-{seed}.onnx" for seed in seeds]
         for n, (seed, member) in enumerate(zip(seeds, members, strict=True), 1):
+            one = replace(config, seed=seed, soup=[])
+            if checkpoints is None:
+                log.info("training with seed %d (%d of %d)", seed, n, len(seeds))
+                fit(one, examples, tokenizer, member)
+                continue
+            key = run_key(asdict(one), fingerprint, seed)
+            done = checkpoints.finished_member(seed, key)
+            if done is not None:
+                log.info("seed %d (%d of %d) already trained: %s", seed, n, len(seeds), done)
+                shutil.copyfile(done, member)
+                continue
             log.info("training with seed %d (%d of %d)", seed, n, len(seeds))
-            fit(replace(config, seed=seed, soup=[]), examples, tokenizer, member)
+            fit(one, examples, tokenizer, member, (checkpoints, key))
+            checkpoints.finish(seed, key, member)
         averaged = soup.average_weights(members, fp32)
         if len(members) > 1:
             log.info("model soup: %d weight tensors averaged over seeds %s", averaged, seeds)
@@ -215,15 +234,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     artifact["training"]["seconds"] = round(time.monotonic() - started, 1)
     (config.out_dir / "metadata.json").write_text(json.dumps(artifact, indent=2) + "\n")
+    if checkpoints is not None:
+        checkpoints.clear()
     log.info("done in %.1fs: %s", time.monotonic() - started, config.out_dir)
     log.removeHandler(handler)
     handler.close()
     return artifact
 
 
-def fit(config: TrainConfig, examples: list[data.Example], tokenizer: Any, fp32: Path) -> None:
+def fit(
+    config: TrainConfig,
+    examples: list[data.Example],
+    tokenizer: Any,
+    fp32: Path,
+    checkpoints: tuple[Checkpoints, str] | None = None,
+) -> None:
     """Fine-tune one model with ``config.seed`` (data sample and order, initialisation, dropout)
-    and export it to ``fp32`` (ONNX)."""
+    and export it to ``fp32`` (ONNX). With ``checkpoints`` (the folder and this run's key) the
+    state is saved every few steps and a saved state of the same run is resumed."""
     import torch
     from tqdm import tqdm
 
@@ -285,12 +313,23 @@ def fit(config: TrainConfig, examples: list[data.Example], tokenizer: Any, fp32:
     loss_r = torch.nn.CrossEntropyLoss(
         weight=torch.tensor([w_risk[r] for r in RISKS], dtype=torch.float32), ignore_index=-100
     )
-    step = 0
+    step, start_epoch, skip = 0, 0, 0
+    saved = checkpoints[0].load(config.seed, checkpoints[1]) if checkpoints else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        step, start_epoch, skip = saved["step"], saved["epoch"], saved["batches_done"]
+        rng.setstate(saved["epoch_rng"])  # rebuilds that epoch's batch order
+        torch.set_rng_state(saved["torch_rng"])  # dropout continues where it was
     model.train()
-    progress = tqdm(total=total, desc="training", unit="step", mininterval=2.0)
-    for epoch in range(config.epochs):
+    progress = tqdm(total=total, initial=step, desc="training", unit="step", mininterval=2.0)
+    for epoch in range(start_epoch, config.epochs):
         running = 0.0
+        epoch_rng = rng.getstate()
         for n, batch in enumerate(bucketed_batches(lengths, config.batch_size, rng), 1):
+            if epoch == start_epoch and n <= skip:
+                continue
             input_ids, mask = pad_ids([ids[i] for i in batch])
             d_logits, r_logits = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
             yd, yr = y_domain[batch], y_risk[batch]
@@ -317,6 +356,21 @@ def fit(config: TrainConfig, examples: list[data.Example], tokenizer: Any, fp32:
                 )
                 progress.set_postfix(loss=f"{running / 100:.3f}")
                 running = 0.0
+            if checkpoints and step % checkpoints[0].every == 0 and step < total:
+                checkpoints[0].save(
+                    config.seed,
+                    checkpoints[1],
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_done": n,
+                        "epoch_rng": epoch_rng,
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
     progress.close()
     model.eval()
     export_onnx(model, fp32)
@@ -440,7 +494,8 @@ def write_artifact(
         "config": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in asdict(config).items()
-            if k not in ("shared_dir", "natural_dir", "out_dir")
+            if k
+            not in ("shared_dir", "natural_dir", "out_dir", "checkpoint_dir", "checkpoint_every")
         },
     }
     meta["metrics"] = {"int8_fp32_agreement": agreement}
