@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ class Checkpoints:
             for stale in (self.state_path(seed), self.member_path(seed)):
                 stale.unlink(missing_ok=True)
             keys[str(seed)] = key
-            _write_atomic(self.directory / "keys.json", json.dumps(keys, indent=2).encode())
+            blob = json.dumps(keys, indent=2).encode()
+            _replace_atomic(self.directory / "keys.json", lambda tmp: tmp.write_bytes(blob))
 
     def state_path(self, seed: int) -> Path:
         return self.directory / f"seed-{seed}.pt"
@@ -106,16 +108,12 @@ class Checkpoints:
         import torch
 
         self._claim(seed, key)
-        tmp = self.state_path(seed).with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path(seed))
+        _replace_atomic(self.state_path(seed), lambda tmp: torch.save(state, tmp))
 
     def finish(self, seed: int, key: str, fp32: Path) -> None:
         """Keep the seed's export; its training state is no longer needed."""
         self._claim(seed, key)
-        tmp = self.member_path(seed).with_suffix(".onnx.tmp")
-        shutil.copyfile(fp32, tmp)
-        os.replace(tmp, self.member_path(seed))
+        _replace_atomic(self.member_path(seed), lambda tmp: shutil.copyfile(fp32, tmp))
         self.state_path(seed).unlink(missing_ok=True)
 
     def clear(self) -> None:
@@ -123,7 +121,8 @@ class Checkpoints:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
+def _replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file beside it, so a stop never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(blob)
+    write(tmp)
     os.replace(tmp, path)

@@ -313,8 +313,9 @@ def fit(
     loss_r = torch.nn.CrossEntropyLoss(
         weight=torch.tensor([w_risk[r] for r in RISKS], dtype=torch.float32), ignore_index=-100
     )
+    store, key = checkpoints if checkpoints else (None, "")
     step, start_epoch, skip = 0, 0, 0
-    saved = checkpoints[0].load(config.seed, checkpoints[1]) if checkpoints else None
+    saved = store.load(config.seed, key) if store else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -356,10 +357,10 @@ def fit(
                 )
                 progress.set_postfix(loss=f"{running / 100:.3f}")
                 running = 0.0
-            if checkpoints and step % checkpoints[0].every == 0 and step < total:
-                checkpoints[0].save(
+            if store and step % store.every == 0 and step < total:
+                store.save(
                     config.seed,
-                    checkpoints[1],
+                    key,
                     {
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
