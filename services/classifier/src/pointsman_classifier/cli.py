@@ -165,6 +165,25 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
+        "compare",
+        help="judge candidate artifacts side by side on validation rows (never test rows)",
+        description="Calibrates every artifact afresh on the same validation rows (its own "
+        "temperatures, risk thresholds and band) and prints, per model, risk recall per class, "
+        "hard benign rows flagged and domain accuracy / macro-F1 for the public and natural "
+        "rows (and for the rows of --focus apart), the band and the thresholds. The way to "
+        "choose between training runs without looking at the test splits.",
+    )
+    p.add_argument("models", nargs="*", help="artifact folders (default: the packaged model)")
+    _add_data_arguments(p)
+    p.add_argument(
+        "--focus",
+        default=None,
+        help="a folder of team rows (e.g. a new batch moved into --natural) reported apart",
+    )
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
         "check-batch",
         help="check a folder of new team rows before they join data/natural",
         description="Checks every *.jsonl row of a batch folder: the five keys and known labels, "
@@ -341,6 +360,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     meta = recalibrate(_artifact_dir(args), Path(args.shared), Path(args.natural))
     _print_report({"model_version": meta["model_version"], "calibration": meta["calibration"]})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pointsman_classifier import compare, data
+    from pointsman_classifier.runtime import default_artifact
+
+    models = [Path(m) for m in args.models] or [default_artifact()]
+    examples = data.load_all(Path(args.shared), Path(args.natural))
+    focus = compare.focus_texts(Path(args.focus) if args.focus else None)
+    judgements = compare.compare(models, examples, focus=focus)
+    print(compare.table(judgements), end="")
+    if args.json:
+        Path(args.json).write_text(
+            orjson.dumps(compare.as_json(judgements), option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
     return 0
 
 

@@ -510,6 +510,13 @@ def fit_calibration(
     int8 model run exactly as serving runs it (the same token-length chunks)."""
     cal = calibration_rows(examples, cap, seed)
     d_logits, r_logits = batched_logits(model, [e.text for e in cal])
+    return calibration_from_logits(cal, d_logits, r_logits)
+
+
+def calibration_from_logits(
+    cal: list[data.Example], d_logits: NDArray[np.float64], r_logits: NDArray[np.float64]
+) -> dict[str, Any]:
+    """The calibration fitted on rows whose logits are already computed (pure numpy)."""
     has_d = np.array([e.domain is not None for e in cal])
     yd = np.array([DOMAINS.index(e.domain) if e.domain else -1 for e in cal])
     has_r = np.array([e.risk is not None for e in cal])
