@@ -146,3 +146,13 @@ def test_train_repeat_option_parses_pairs_and_refuses_bad_ones() -> None:
     for bad in ("advbench", "advbench=0", "=3", "advbench=x"):
         with pytest.raises(SystemExit, match="SOURCE=N"):
             _source_repeats([bad])
+
+
+def test_train_natural_repeat_option_defaults_to_the_recipe_and_refuses_zero() -> None:
+    from pointsman_classifier.cli import _natural_repeat
+
+    assert _natural_repeat(None) == data.NATURAL_REPEAT
+    assert _natural_repeat(3) == 3
+    for bad in (0, -2):
+        with pytest.raises(SystemExit, match="--natural-repeat"):
+            _natural_repeat(bad)

@@ -80,7 +80,15 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="SOURCE=N",
-        help="show a source's training rows N times per epoch (repeatable; natural rows: 4)",
+        help="show a source's training rows N times per epoch (repeatable; natural rows: see "
+        "--natural-repeat)",
+    )
+    p.add_argument(
+        "--natural-repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help="show every team (natural) training row N times per epoch (default 4)",
     )
     p.add_argument("--seed", type=int, default=13)
     p.add_argument(
@@ -292,6 +300,17 @@ def _source_repeats(items: list[str]) -> dict[str, int]:
     return out
 
 
+def _natural_repeat(count: int | None) -> int:
+    """How often each team row is shown per epoch: the recipe's default unless given."""
+    from pointsman_classifier.data import NATURAL_REPEAT
+
+    if count is None:
+        return NATURAL_REPEAT
+    if count < 1:
+        raise SystemExit(f"--natural-repeat must be at least 1, got {count}")
+    return count
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pointsman_classifier.runtime import default_artifact
     from pointsman_classifier.train import TrainConfig, train
@@ -315,6 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
         repeats=_source_repeats(args.repeat),
+        natural_repeat=_natural_repeat(args.natural_repeat),
         soup=args.soup,
         checkpoint_dir=Path(args.checkpoints) if args.checkpoints else None,
         checkpoint_every=args.checkpoint_every,
