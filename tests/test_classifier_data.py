@@ -149,9 +149,10 @@ def test_train_repeat_option_parses_pairs_and_refuses_bad_ones() -> None:
 
 
 def test_train_natural_repeat_option_defaults_to_the_recipe_and_refuses_zero() -> None:
+    from pointsman.cli import build_parser
     from pointsman_classifier.cli import _natural_repeat
 
-    assert _natural_repeat(None) == data.NATURAL_REPEAT
+    assert build_parser().parse_args(["train"]).natural_repeat == data.NATURAL_REPEAT
     assert _natural_repeat(3) == 3
     for bad in (0, -2):
         with pytest.raises(SystemExit, match="--natural-repeat"):

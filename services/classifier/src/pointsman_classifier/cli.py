@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import orjson
 
+from pointsman_classifier.data import NATURAL_REPEAT
+
 DEFAULT_SHARED = "../shared/datasets"
 DEFAULT_NATURAL = "data/natural"
 DEFAULT_CARD = "docs/model-card.md"
@@ -86,9 +88,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--natural-repeat",
         type=int,
-        default=None,
+        default=NATURAL_REPEAT,
         metavar="N",
-        help="show every team (natural) training row N times per epoch (default 4)",
+        help="show every team (natural) training row N times per epoch (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=13)
     p.add_argument(
@@ -300,12 +302,8 @@ def _source_repeats(items: list[str]) -> dict[str, int]:
     return out
 
 
-def _natural_repeat(count: int | None) -> int:
-    """How often each team row is shown per epoch: the recipe's default unless given."""
-    from pointsman_classifier.data import NATURAL_REPEAT
-
-    if count is None:
-        return NATURAL_REPEAT
+def _natural_repeat(count: int) -> int:
+    """How often each team row is shown per epoch; fewer than once stops the run."""
     if count < 1:
         raise SystemExit(f"--natural-repeat must be at least 1, got {count}")
     return count
